@@ -1,0 +1,194 @@
+"""Reference quantizers: numpy, deterministic, shared by the converter and every backend.
+
+Stored types (W is a weight matrix [N, K]: N output rows, K inputs; groups run along K):
+  f32, f16, bf16  passthrough (bf16 kept as raw uint16 bits)
+  q8   symmetric int8:  w = q * s            q int8  [N, Kp],    s f16 [N, G]
+  q4   affine 4-bit:    w = q * s + m        q uint8 [N, Kp/2],  s, m f16 [N, G]
+       two codes a byte, element 2j in the low nibble, 2j+1 in the high one.
+Kp is K rounded up to a whole number of groups (zero padded), G = Kp / group.
+q4 with group 32 holds GGUF Q4_0 and Q4_1 blocks exactly, q8 with group 32 holds Q8_0.
+
+A quantized tensor is one contiguous region: parts q, s, m in that order, each starting on a
+256-byte boundary so kernels can read them with aligned vector loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+PART_ALIGN = 256
+QUANT_TYPES = ("q4", "q8")
+FLOAT_TYPES = ("f32", "f16", "bf16")
+TYPES = QUANT_TYPES + FLOAT_TYPES
+DEFAULT_GROUP = 64
+_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str       # "q", "s", "m" or "w" for float types
+    offset: int     # bytes from the tensor's start
+    shape: tuple
+    dtype: type
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def layout(qtype: str, shape, group: int = DEFAULT_GROUP) -> tuple[list[Part], int]:
+    """Parts of a stored tensor and its total size in bytes."""
+    shape = tuple(int(d) for d in shape)
+    if qtype in FLOAT_TYPES:
+        p = Part("w", 0, shape, _NP[qtype])
+        return [p], p.nbytes
+    if qtype not in QUANT_TYPES:
+        raise ConfigError(f"unknown tensor type {qtype!r}; known: {', '.join(TYPES)}")
+    if len(shape) != 2:
+        raise ConfigError(f"{qtype} needs a 2-D weight, got shape {shape}")
+    if group <= 0 or group % 2:
+        raise ConfigError(f"group size must be a positive even number, got {group}")
+    n, k = shape
+    kp = _align(k, group)
+    g = kp // group
+    if qtype == "q4":
+        specs = [("q", (n, kp // 2), np.uint8), ("s", (n, g), np.float16), ("m", (n, g), np.float16)]
+    else:
+        specs = [("q", (n, kp), np.int8), ("s", (n, g), np.float16)]
+    parts, off = [], 0
+    for name, shp, dt in specs:
+        off = _align(off, PART_ALIGN)
+        parts.append(Part(name, off, shp, dt))
+        off += parts[-1].nbytes
+    return parts, off
+
+
+def nbytes(qtype: str, shape, group: int = DEFAULT_GROUP) -> int:
+    return layout(qtype, shape, group)[1]
+
+
+def views(buf: np.ndarray, qtype: str, shape, group: int = DEFAULT_GROUP) -> dict[str, np.ndarray]:
+    """Zero-copy numpy views of each part inside `buf` (uint8, at least nbytes long)."""
+    parts, total = layout(qtype, shape, group)
+    if buf.nbytes < total:
+        raise ValueError(f"buffer of {buf.nbytes} bytes is smaller than the {total} a {qtype} {tuple(shape)} needs")
+    out = {}
+    for p in parts:
+        out[p.name] = buf[p.offset:p.offset + p.nbytes].view(p.dtype).reshape(p.shape)
+    return out
+
+
+# ---- float conversions ---------------------------------------------------------------------
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bf16 bits (uint16), NaN kept NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def bf16_to_f32(b: np.ndarray) -> np.ndarray:
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ---- quantize / dequantize -----------------------------------------------------------------
+
+def _grouped(w: np.ndarray, group: int) -> np.ndarray:
+    """[N, K] float32 -> [N, G, group], zero padded along K."""
+    n, k = w.shape
+    kp = _align(k, group)
+    if kp != k:
+        w = np.concatenate([w, np.zeros((n, kp - k), np.float32)], axis=1)
+    return w.reshape(n, kp // group, group)
+
+
+def quantize(w: np.ndarray, qtype: str, group: int = DEFAULT_GROUP) -> np.ndarray:
+    """Any float array -> the stored bytes (uint8, length nbytes(qtype, shape, group))."""
+    w = np.asarray(w)
+    parts, total = layout(qtype, w.shape, group)
+    out = np.zeros(total, np.uint8)
+    v = views(out, qtype, w.shape, group)
+    if qtype == "f32":
+        v["w"][...] = w.astype(np.float32)
+    elif qtype == "f16":
+        v["w"][...] = w.astype(np.float32).astype(np.float16)
+    elif qtype == "bf16":
+        v["w"][...] = w.view(np.uint16) if w.dtype == np.uint16 else f32_to_bf16(w.astype(np.float32))
+    elif qtype == "q8":
+        q, s = quantize_q8(w.astype(np.float32), group)
+        v["q"][...], v["s"][...] = q, s
+    else:
+        q, s, m = quantize_q4(w.astype(np.float32), group)
+        v["q"][...], v["s"][...], v["m"][...] = q, s, m
+    return out
+
+
+def quantize_q8(w: np.ndarray, group: int):
+    g = _grouped(w, group)
+    amax = np.abs(g).max(axis=2)
+    s = (amax / 127.0).astype(np.float16)
+    sf = s.astype(np.float32)
+    inv = np.divide(1.0, sf, out=np.zeros_like(sf), where=sf > 0)
+    q = np.clip(np.rint(g * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(w.shape[0], -1), s
+
+
+def quantize_q4(w: np.ndarray, group: int):
+    g = _grouped(w, group)
+    lo, hi = g.min(axis=2), g.max(axis=2)
+    # Scale and offset are rounded to fp16 first and the codes chosen against the rounded
+    # values, so dequantization reproduces exactly what the error report measured.
+    m = lo.astype(np.float16)
+    s = ((hi - m.astype(np.float32)) / 15.0).astype(np.float16)
+    sf, mf = s.astype(np.float32), m.astype(np.float32)
+    inv = np.divide(1.0, sf, out=np.zeros_like(sf), where=sf > 0)
+    q = np.clip(np.rint((g - mf[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
+    q = q.reshape(w.shape[0], -1)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return packed, s, m
+
+
+def unpack_q4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [N, Kp/2] -> codes uint8 [N, Kp]."""
+    q = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
+    q[:, 0::2] = packed & 0x0F
+    q[:, 1::2] = packed >> 4
+    return q
+
+
+def dequantize(buf: np.ndarray, qtype: str, shape, group: int = DEFAULT_GROUP) -> np.ndarray:
+    """Stored bytes -> float32 array of `shape`."""
+    v = views(buf, qtype, shape, group)
+    if qtype == "f32":
+        return np.array(v["w"], np.float32)
+    if qtype == "f16":
+        return v["w"].astype(np.float32)
+    if qtype == "bf16":
+        return bf16_to_f32(v["w"]).reshape(shape)
+    n, k = shape
+    s = v["s"].astype(np.float32)[..., None]
+    if qtype == "q8":
+        g = v["q"].astype(np.float32).reshape(n, -1, group) * s
+    else:
+        q = unpack_q4(v["q"]).astype(np.float32).reshape(n, -1, group)
+        g = q * s + v["m"].astype(np.float32)[..., None]
+    return np.ascontiguousarray(g.reshape(n, -1)[:, :k])
+
+
+def rel_rms(ref: np.ndarray, got: np.ndarray) -> float:
+    """Relative RMS error ||got - ref|| / ||ref|| (0 for an all-zero reference matched exactly)."""
+    ref = np.asarray(ref, np.float64)
+    num = float(np.sqrt(np.mean((np.asarray(got, np.float64) - ref) ** 2)))
+    den = float(np.sqrt(np.mean(ref ** 2)))
+    return num / den if den > 0 else num
