@@ -40,6 +40,8 @@ class ModelConfig:
     moe_intermediate_size: int = 0   # I of one routed expert
     moe_layers: tuple = ()           # indices of MoE layers; the others use a dense FFN
     norm_topk_prob: bool = False     # renormalize the top-k weights to sum to 1
+    moe_weighting: str = "softmax"   # "softmax": router probabilities weight the experts;
+                                     # "ones": every chosen expert has weight 1 (MoE-fied dense FFNs)
     topk_method: str = "greedy"      # "greedy" | "group_limited_greedy" (DeepSeek-V2)
     n_group: int = 1
     topk_group: int = 1
@@ -62,6 +64,8 @@ class ModelConfig:
                 raise ConfigError(f"config: top_k {self.top_k} must be in 1..n_experts ({self.n_experts})")
             if self.moe_intermediate_size <= 0:
                 raise ConfigError("config: moe_intermediate_size must be positive")
+        if self.moe_weighting not in ("softmax", "ones"):
+            raise ConfigError(f"config: unsupported moe_weighting {self.moe_weighting!r}")
         if self.topk_method not in ("greedy", "group_limited_greedy"):
             raise ConfigError(f"config: unsupported topk_method {self.topk_method!r}")
         if any(not 0 <= l < self.n_layers for l in self.moe_layers):

@@ -72,6 +72,14 @@ def common_hf(c: dict, arch: str) -> dict:
         raise ConfigError(f"config.json has a malformed value: {e}") from None
 
 
+def first(c: dict, *keys):
+    """The first of several spellings a key has had across transformers versions."""
+    for k in keys:
+        if c.get(k) is not None:
+            return c[k]
+    raise ConfigError(f"config.json lacks {keys[0]!r}")
+
+
 def sparse_layers(c: dict, n_layers: int) -> tuple:
     """Qwen-style placement: decoder_sparse_step and mlp_only_layers."""
     step = int(c.get("decoder_sparse_step", 1) or 1)
