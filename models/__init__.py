@@ -1,10 +1,10 @@
 """Model families, one small file each. Adding a family = adding a file and a line here."""
 from efengine.errors import ConfigError
 
-from . import deepseek_v2, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, llama, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Family, expected_tensors, expert_shapes, hf_name
 
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2)}
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2)}
 
 
 def by_hf_architecture(arch: str) -> Family:
