@@ -134,29 +134,66 @@ def quantize(w: np.ndarray, qtype: str, group: int = DEFAULT_GROUP) -> np.ndarra
     return out
 
 
+# Rows are quantized in chunks of about _CHUNK elements: the temporaries then stay in cache and
+# are not fresh page-faulted allocations, which makes a full matrix ~5x faster. Every operation is
+# per group, so the bytes do not depend on the chunk size.
+_CHUNK = 1 << 18
+
+
+def _row_steps(n: int, k: int):
+    step = max(1, _CHUNK // max(k, 1))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
 def quantize_q8(w: np.ndarray, group: int):
+    """float32 [N, K] -> codes int8 [N, Kp], scales f16 [N, G]."""
+    n, k = w.shape
+    kp = _align(k, group)
+    q, s = np.empty((n, kp), np.int8), np.empty((n, kp // group), np.float16)
+    for r0, r1 in _row_steps(n, kp):
+        q[r0:r1], s[r0:r1] = _q8_rows(w[r0:r1], group)
+    return q, s
+
+
+def _q8_rows(w: np.ndarray, group: int):
     g = _grouped(w, group)
     amax = np.abs(g).max(axis=2)
-    s = (amax / 127.0).astype(np.float16)
+    s = (amax / np.float32(127.0)).astype(np.float16)
     sf = s.astype(np.float32)
-    inv = np.divide(1.0, sf, out=np.zeros_like(sf), where=sf > 0)
-    q = np.clip(np.rint(g * inv[..., None]), -127, 127).astype(np.int8)
-    return q.reshape(w.shape[0], -1), s
+    inv = np.divide(np.float32(1.0), sf, out=np.zeros_like(sf), where=sf > 0)
+    x = g * inv[..., None]
+    np.rint(x, out=x)
+    np.clip(x, -127, 127, out=x)
+    return x.astype(np.int8).reshape(w.shape[0], -1), s
 
 
 def quantize_q4(w: np.ndarray, group: int):
+    """float32 [N, K] -> packed codes uint8 [N, Kp/2], scales and minimums f16 [N, G]."""
+    n, k = w.shape
+    kp = _align(k, group)
+    packed = np.empty((n, kp // 2), np.uint8)
+    s, m = np.empty((n, kp // group), np.float16), np.empty((n, kp // group), np.float16)
+    for r0, r1 in _row_steps(n, kp):
+        packed[r0:r1], s[r0:r1], m[r0:r1] = _q4_rows(w[r0:r1], group)
+    return packed, s, m
+
+
+def _q4_rows(w: np.ndarray, group: int):
     g = _grouped(w, group)
     lo, hi = g.min(axis=2), g.max(axis=2)
     # Scale and offset are rounded to fp16 first and the codes chosen against the rounded
     # values, so dequantization reproduces exactly what the error report measured.
     m = lo.astype(np.float16)
-    s = ((hi - m.astype(np.float32)) / 15.0).astype(np.float16)
+    s = ((hi - m.astype(np.float32)) / np.float32(15.0)).astype(np.float16)
     sf, mf = s.astype(np.float32), m.astype(np.float32)
-    inv = np.divide(1.0, sf, out=np.zeros_like(sf), where=sf > 0)
-    q = np.clip(np.rint((g - mf[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
-    q = q.reshape(w.shape[0], -1)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    return packed, s, m
+    inv = np.divide(np.float32(1.0), sf, out=np.zeros_like(sf), where=sf > 0)
+    x = g - mf[..., None]
+    x *= inv[..., None]
+    np.rint(x, out=x)
+    np.clip(x, 0, 15, out=x)
+    q = x.astype(np.uint8).reshape(w.shape[0], -1)
+    return q[:, 0::2] | (q[:, 1::2] << 4), s, m
 
 
 def unpack_q4(packed: np.ndarray) -> np.ndarray:
@@ -177,13 +214,24 @@ def dequantize(buf: np.ndarray, qtype: str, shape, group: int = DEFAULT_GROUP) -
     if qtype == "bf16":
         return bf16_to_f32(v["w"]).reshape(shape)
     n, k = shape
+    out = np.empty((n, k), np.float32)
+    for r0, r1 in _row_steps(n, v["s"].shape[1] * group):
+        part = {p: a[r0:r1] for p, a in v.items()}
+        out[r0:r1] = _dequant_rows(part, qtype, group)[:, :k]
+    return out
+
+
+def _dequant_rows(v: dict, qtype: str, group: int) -> np.ndarray:
+    n = v["s"].shape[0]
     s = v["s"].astype(np.float32)[..., None]
     if qtype == "q8":
-        g = v["q"].astype(np.float32).reshape(n, -1, group) * s
+        g = v["q"].astype(np.float32).reshape(n, -1, group)
+        g *= s
     else:
-        q = unpack_q4(v["q"]).astype(np.float32).reshape(n, -1, group)
-        g = q * s + v["m"].astype(np.float32)[..., None]
-    return np.ascontiguousarray(g.reshape(n, -1)[:, :k])
+        g = unpack_q4(v["q"]).astype(np.float32).reshape(n, -1, group)
+        g *= s
+        g += v["m"].astype(np.float32)[..., None]
+    return g.reshape(n, -1)
 
 
 def rel_rms(ref: np.ndarray, got: np.ndarray) -> float:

@@ -1,0 +1,95 @@
+"""The `efconvert` command: HF model folder (or a named random shape) -> one .ef file.
+
+  efconvert CKPT_DIR out.ef [--experts q4] [--dense q8] [--embed TYPE] [--group 64]
+  efconvert --random SHAPE out.ef [--layers N] [--seed S] [--experts q4] [--dense q8]
+  efconvert --list-shapes
+Exit codes: 0 done, 1 bad input or output (one clear line, no traceback), 2 usage, 130 Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from efengine import quant
+from efengine.errors import EfError
+
+EPILOG = """types: q4 (4-bit, fp16 scale+min per group), q8 (8-bit, fp16 scale per group), f16, bf16, f32.
+Norms, biases and routers are always f32. --experts f32 --dense f32 keeps the checkpoint's values exactly."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="efconvert", description="Convert a Mixture-of-Experts checkpoint "
+                                "into one .ef file (weights, config, tokenizer, chat template).", epilog=EPILOG)
+    p.add_argument("paths", nargs="*", metavar="PATH", help="CKPT_DIR OUT.ef, or OUT.ef with --random")
+    p.add_argument("--experts", default="q4", choices=quant.TYPES, help="routed experts (default q4)")
+    p.add_argument("--dense", default="q8", choices=quant.TYPES,
+                   help="attention, shared experts, dense FFNs, output head (default q8)")
+    p.add_argument("--embed", default=None, choices=quant.TYPES, help="token embedding (default: as --dense)")
+    p.add_argument("--group", type=int, default=quant.DEFAULT_GROUP, help="quantization group size along K (default 64)")
+    p.add_argument("--random", metavar="SHAPE", help="write random weights of a named real shape (see --list-shapes)")
+    p.add_argument("--layers", type=int, default=None, help="with --random: keep only the first N layers")
+    p.add_argument("--seed", type=int, default=0, help="with --random: random seed (default 0)")
+    p.add_argument("--list-shapes", action="store_true", help="list the named shapes --random knows")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    return p
+
+
+def _report(out: Path, seconds: float, in_bytes: int | None) -> None:
+    from efengine.format import EfFile
+    ef = EfFile(out)
+    size = out.stat().st_size
+    rate = f", {in_bytes / seconds / 1e6:.0f} MB/s of input" if in_bytes else ""
+    print(f"wrote {out} ({size / 2**30:.2f} GiB) in {seconds:.1f} s{rate}", file=sys.stderr)
+    q, err = ef.meta.get("quantization", {}), ef.meta.get("quant_error")
+    if err:
+        print("quantization error (relative RMS) per tensor class:", file=sys.stderr)
+        for cls, e in err.items():
+            print(f"  {cls:8s} {q.get(cls, '?'):5s} {e:.5f}", file=sys.stderr)
+
+
+def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    from . import shapes
+    if a.list_shapes:
+        print("\n".join(shapes.describe()))
+        return 0
+    progress = False if a.no_progress else None
+    opts = dict(experts=a.experts, dense=a.dense, embed=a.embed, group=a.group, progress=progress)
+    t0 = time.perf_counter()
+    if a.random:
+        if len(a.paths) != 1:
+            p.error("--random SHAPE takes one path: the output .ef")
+        from .random_model import write_random
+        out = write_random(a.random, a.paths[0], layers=a.layers, seed=a.seed, **opts)
+        _report(out, time.perf_counter() - t0, None)
+        return 0
+    if len(a.paths) != 2:
+        p.error("give CKPT_DIR and OUT.ef (or --random SHAPE OUT.ef, or --list-shapes)")
+    if a.layers is not None:
+        p.error("--layers only applies to --random")
+    from .convert import convert_hf
+    from .hf import Checkpoint
+    out = convert_hf(a.paths[0], a.paths[1], **opts)
+    ck = Checkpoint(a.paths[0])
+    in_bytes = sum(ck.nbytes(n) for n in ck.names)
+    ck.close()
+    _report(out, time.perf_counter() - t0, in_bytes)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    a = p.parse_args(argv)
+    try:
+        return run(a, p)
+    except EfError as e:
+        print(f"efconvert: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nefconvert: interrupted; no output file was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

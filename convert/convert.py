@@ -1,0 +1,284 @@
+"""HF folder -> .ef: plan every tensor first (so bad input fails before anything is written),
+then stream them through the quantizers into the Writer, a few rows at a time.
+
+Precision is chosen per tensor class (models/base.py): experts, dense, embed (follows dense unless
+given), norm and router (always f32: they are tiny and routing is sensitive to them).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import efmodels
+from efengine import __version__, quant
+from efengine.errors import ConfigError, CheckpointError, EfError
+from efengine.format import Writer
+from efmodels.base import DENSE, EMBED, EXPERTS, NORM, ROUTER
+
+from .hf import DTYPES, Checkpoint, to_f32, tokenizer_meta
+
+CLASSES = (EXPERTS, DENSE, EMBED, NORM, ROUTER)
+READ_ELEMS = 1 << 22          # elements read per step: ~8 MB of bf16 in flight
+_EXACT = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
+_LOSSLESS_F32 = {"F32", "F16", "BF16"}   # every source dtype is exact in f32
+# Tensors some checkpoints carry that the model recomputes or duplicates.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class OutputError(EfError):
+    """The output file cannot be written (permissions, disk full)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Rows row0.. of an HF tensor seen as 2-D [rows, last dim] that make one stored matrix."""
+    name: str
+    row0: int
+    shape: tuple       # the stored tensor's shape (1-D for norms and biases)
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        return (self.shape[0], self.shape[1]) if len(self.shape) == 2 else (1, self.shape[0])
+
+
+def precisions(experts: str = "q4", dense: str = "q8", embed: str | None = None, group: int = 64) -> dict:
+    """Tensor class -> stored type, validated (ConfigError naming the flag)."""
+    chosen = {EXPERTS: experts, DENSE: dense, EMBED: embed or dense}
+    for cls, qt in chosen.items():
+        if qt not in quant.TYPES:
+            raise ConfigError(f"--{cls} {qt!r} is not a known type; choose one of {', '.join(quant.TYPES)}")
+    if not isinstance(group, int) or group <= 0 or group % 2:
+        raise ConfigError(f"--group must be a positive even number, got {group!r}")
+    return {**chosen, NORM: "f32", ROUTER: "f32"}
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+def _aliases(name: str) -> list[str]:
+    """Spellings an HF tensor has had: transformers 5 renames Mixtral's block_sparse_moe to mlp."""
+    alt = name.replace(".block_sparse_moe.", ".mlp.")
+    return [name] if alt == name else [name, alt]
+
+
+def _find(ckpt: Checkpoint, name: str) -> str | None:
+    return next((n for n in _aliases(name) if ckpt.has(n)), None)
+
+
+def _expert_sources(ckpt: Checkpoint, family, cfg, layer: int, used: set, missing: list) -> list[dict] | None:
+    """gate/up/down Sources of every expert of one layer: per-expert tensors or the fused form
+    of transformers 5 (experts.gate_up_proj [E, 2I, D] with gate rows first, experts.down_proj [E, D, I])."""
+    E, I, D = cfg.n_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    shapes = efmodels.expert_shapes(cfg)
+    prefix = family.hf_expert_names["gate"].split(".{e}.")[0].format(l=layer)
+    gu, dn = _find(ckpt, prefix + ".gate_up_proj"), _find(ckpt, prefix + ".down_proj")
+    if gu and dn:
+        _check_shape(ckpt, gu, (E, 2 * I, D))
+        _check_shape(ckpt, dn, (E, D, I))
+        used.update((gu, dn))
+        return [{"gate": Source(gu, e * 2 * I, (I, D)), "up": Source(gu, e * 2 * I + I, (I, D)),
+                 "down": Source(dn, e * D, (D, I))} for e in range(E)]
+    out = []
+    for e in range(E):
+        parts = {}
+        for p, tmpl in family.hf_expert_names.items():
+            hf = tmpl.format(l=layer, e=e)
+            n = _find(ckpt, hf)
+            if n is None:
+                missing.append(hf)
+                continue
+            _check_shape(ckpt, n, shapes[p])
+            used.add(n)
+            parts[p] = Source(n, 0, shapes[p])
+        out.append(parts)
+    return out
+
+
+def _check_shape(ckpt: Checkpoint, name: str, want: tuple) -> None:
+    got = tuple(ckpt.shape(name))
+    if got != tuple(want):
+        raise CheckpointError(f"{ckpt.folder}: tensor {name} has shape {list(got)}, expected {list(want)} "
+                              f"from config.json")
+    if ckpt.dtype(name) not in DTYPES:
+        raise CheckpointError(f"{ckpt.folder}: tensor {name} is {ckpt.dtype(name)}; weights must be F32, F16 or BF16")
+
+
+def plan(ckpt: Checkpoint) -> tuple[list[tuple[str, str, Source]], list[list[dict]]]:
+    """(canonical name, class, Source) of every dense tensor and, per MoE layer, the Sources of
+    each expert. Raises CheckpointError naming missing, misshapen or leftover tensors."""
+    family, cfg = ckpt.family, ckpt.config
+    used, missing, dense = set(), [], []
+    for canon, shape, cls in efmodels.expected_tensors(cfg):
+        hf = efmodels.hf_name(family, canon)
+        n = _find(ckpt, hf)
+        if n is None:
+            missing.append(hf)
+            continue
+        _check_shape(ckpt, n, shape)
+        used.add(n)
+        dense.append((canon, cls, Source(n, 0, tuple(shape))))
+    experts = [_expert_sources(ckpt, family, cfg, l, used, missing) for l in cfg.moe_layers]
+    if missing:
+        raise CheckpointError(f"{ckpt.folder}: {len(missing)} tensors missing: {', '.join(missing[:8])}"
+                              + (" ..." if len(missing) > 8 else ""))
+    left = [n for n in ckpt.names if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+            and not (cfg.tie_embeddings and n == "lm_head.weight")]
+    if left:
+        raise CheckpointError(f"{ckpt.folder}: {len(left)} unexpected tensors this {family.name} config does "
+                              f"not use: {', '.join(sorted(left)[:8])}" + (" ..." if len(left) > 8 else ""))
+    return dense, experts
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+
+class Encoder:
+    """Reads Sources row chunk by row chunk, stores them as a given type, keeps error sums."""
+
+    def __init__(self, ckpt: Checkpoint, group: int, tick: Callable[[int], None]):
+        self.ckpt, self.group, self.tick = ckpt, group, tick
+        self.err = {c: 0.0 for c in CLASSES}
+        self.ref = {c: 0.0 for c in CLASSES}
+
+    def encode(self, src: Source, qtype: str, cls: str, dst: np.ndarray) -> None:
+        """Write `src` stored as `qtype` into dst (uint8, exactly its stored size)."""
+        rows, cols = src.rows_cols
+        group = self.group if qtype in quant.QUANT_TYPES else quant.DEFAULT_GROUP
+        views = quant.views(dst, qtype, (rows, cols), group)
+        dtype = self.ckpt.dtype(src.name)
+        exact = (dtype, qtype) in _EXACT or (qtype == "f32" and dtype in _LOSSLESS_F32)
+        step = max(1, READ_ELEMS // cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            raw = self.ckpt.read_rows(src.name, src.row0 + r0, src.row0 + r1)
+            if exact and qtype != "f32":
+                views["w"][r0:r1] = raw
+            elif exact:
+                views["w"][r0:r1] = to_f32(raw, dtype)
+            else:
+                self._lossy(to_f32(raw, dtype), qtype, group, cls, {p: v[r0:r1] for p, v in views.items()})
+            self.tick(raw.nbytes)
+
+    def _lossy(self, w: np.ndarray, qtype: str, group: int, cls: str, out: dict) -> None:
+        buf = quant.quantize(w, qtype, group)
+        for p, v in quant.views(buf, qtype, w.shape, group).items():
+            out[p][...] = v
+        d = quant.dequantize(buf, qtype, w.shape, group).reshape(-1)
+        d -= w.reshape(-1)
+        self.err[cls] += float(np.dot(d, d))
+        self.ref[cls] += float(np.dot(w.reshape(-1), w.reshape(-1)))
+
+    def report(self) -> dict[str, float]:
+        """Relative RMS error per class over the tensors that were rounded (0.0: all exact)."""
+        return {c: (float(np.sqrt(self.err[c] / self.ref[c])) if self.ref[c] > 0 else 0.0) for c in CLASSES}
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+
+def check_output(out: Path) -> None:
+    """Fail before reading gigabytes when the output cannot be written."""
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give the output .ef file's path")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: cannot create it inside {parent}, which is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write to {parent} (permission denied)")
+
+
+def progress_bar(total: int, enabled: bool | None, desc: str):
+    """tqdm over bytes on a terminal; a no-op elsewhere."""
+    from tqdm import tqdm
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def write_guard(out: Path, run: Callable[[], Path], need: Callable[[], int]) -> Path:
+    """Run a writing step, turning OS errors about the output into OutputError."""
+    try:
+        return run()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"{out}: no space left on device (the model needs {need() / 2**30:.2f} GiB); "
+                              f"nothing was written") from None
+        raise OutputError(f"{out}: cannot write ({e.strerror or e})") from None
+
+
+def convert_hf(src, out, experts: str = "q4", dense: str = "q8", embed: str | None = None,
+               group: int = 64, progress: bool | None = None) -> Path:
+    """Convert the HF model folder `src` into the .ef file `out` and return its path.
+
+    Quantization error per class lands in meta["quant_error"]; tokenizer files are embedded.
+    """
+    out = Path(out)
+    prec = precisions(experts, dense, embed, group)
+    check_output(out)
+    ckpt = Checkpoint(src)
+    try:
+        dense_plan, expert_plan = plan(ckpt)
+        return _write(ckpt, out, prec, group, dense_plan, expert_plan, progress)
+    finally:
+        ckpt.close()
+
+
+def _specs(cfg, prec: dict, group: int) -> dict:
+    return {p: (prec[EXPERTS], s, group) for p, s in efmodels.expert_shapes(cfg).items()}
+
+
+def _meta(ckpt: Checkpoint, prec: dict, group: int, files: dict[str, bytes]) -> dict:
+    dtypes = sorted({ckpt.dtype(n) for n in ckpt.names})
+    return {"converter": f"efconvert {__version__}",
+            "source": {"format": "hf", "path": str(ckpt.folder.resolve()),
+                       "architecture": ckpt.hf_config["architectures"][0], "dtypes": dtypes},
+            "quantization": {**prec, "group": group},
+            "tokenizer": tokenizer_meta(files, ckpt.hf_config)}
+
+
+def _write(ckpt: Checkpoint, out: Path, prec: dict, group: int, dense_plan, expert_plan, progress) -> Path:
+    cfg = ckpt.config
+    files = {n: p.read_bytes() for n, p in ckpt.aux_files().items()}
+    w = Writer(out, ckpt.family.name, cfg.to_dict(), _meta(ckpt, prec, group, files))
+    for canon, cls, s in dense_plan:
+        w.plan_tensor(canon, prec[cls], s.shape, group if prec[cls] in quant.QUANT_TYPES else quant.DEFAULT_GROUP)
+    if expert_plan:
+        w.plan_experts(cfg.moe_layers, cfg.n_experts, _specs(cfg, prec, group))
+    for n, data in files.items():
+        w.plan_file(n, len(data))
+    total_in = sum(ckpt.nbytes(n) for n in ckpt.names)
+
+    def run() -> Path:
+        with w, progress_bar(total_in, progress, f"efconvert {out.name}") as bar:
+            w.begin()
+            enc = Encoder(ckpt, group, bar.update)
+            for canon, cls, s in dense_plan:
+                buf = np.empty(w.tensors[canon]["nbytes"], np.uint8)
+                enc.encode(s, prec[cls], cls, buf)
+                w.write_tensor(canon, buf)
+            _write_experts(w, enc, expert_plan, prec[EXPERTS])
+            for n, data in files.items():
+                w.write_file(n, data)
+            w.meta["quant_error"] = enc.report()
+        return w.path
+    return write_guard(out, run, lambda: getattr(w, "total", 0))
+
+
+def _write_experts(w: Writer, enc: Encoder, expert_plan, qtype: str) -> None:
+    if not expert_plan:
+        return
+    from efengine.format import expert_layout
+    lay, nbytes = expert_layout({p: (t["type"], tuple(t["shape"]), t["group"])
+                                 for p, t in w.experts["layout"].items()})
+    blob = np.zeros(nbytes, np.uint8)   # reused: parts always cover the same bytes, padding stays 0
+    for i, layer in enumerate(expert_plan):
+        for e, parts in enumerate(layer):
+            for p, info in lay.items():
+                enc.encode(parts[p], qtype, EXPERTS, blob[info.offset:info.offset + info.nbytes])
+            w.write_expert(i, e, blob)
