@@ -124,6 +124,7 @@ class Model:
         if cfg.attention == "gqa" and cfg.qkv_bias:
             for n in ("attn_q", "attn_k", "attn_v"):
                 w[n + ".bias"] = self._w(p + n + ".bias")
+        w["attn_output.bias"] = self._opt(p + "attn_output.bias")   # Llama / OLMoE attention_bias
         return w
 
     # ---- public API ---------------------------------------------------------------------------
@@ -162,8 +163,7 @@ class Model:
         h = b.embed(b.asarray(tokens), self.tok_embd)
         for l, w in enumerate(self.layers):
             h = h + self._attention(l, w, b.rms_norm(h, w["attn_norm"], self.cfg.rms_norm_eps), cache, pos0, cos, sin)
-            x = b.rms_norm(h, w["ffn_norm"], self.cfg.rms_norm_eps)
-            h = h + (self._moe(l, w, x) if self.cfg.is_moe_layer(l) else self._ffn(w, x, ""))
+            h = h + self.ffn(l, b.rms_norm(h, w["ffn_norm"], self.cfg.rms_norm_eps))
             if hook is not None:
                 hook(l, h)
         self.experts.end_step()
@@ -174,6 +174,11 @@ class Model:
         """Host float32 logits [T, V] of final hidden states [T, D] (applies the output norm)."""
         b = self.backend
         return b.to_host(b.linear(b.rms_norm(hidden, self.out_norm, self.cfg.rms_norm_eps), self.lm_head)).astype(np.float32, copy=False)
+
+    def ffn(self, layer: int, x):
+        """The feed-forward block of `layer` (dense or MoE) on its normalized input x [T, D]."""
+        w = self.layers[layer]
+        return self._moe(layer, w, x) if self.cfg.is_moe_layer(layer) else self._ffn(w, x, "")
 
     def router_logits(self, layer: int, hidden):
         """Router logits [T, E] (device) of MoE layer `layer` applied to residual stream `hidden` [T, D]
@@ -188,7 +193,8 @@ class Model:
         q, k, v = (self._qkv_mla if self.cfg.attention == "mla" else self._qkv_gqa)(w, x, cos, sin)
         k_all, v_all = cache.store(l, pos0, k, v)
         o = self.backend.attention(q, k_all, v_all, pos0, self.scale)       # [T, H, dv]
-        return self.backend.linear(o.reshape(o.shape[0], -1), w["attn_output"])
+        out = self.backend.linear(o.reshape(o.shape[0], -1), w["attn_output"])
+        return out if w["attn_output.bias"] is None else out + w["attn_output.bias"]
 
     def _qkv_gqa(self, w: dict, x, cos, sin):
         cfg, b, T = self.cfg, self.backend, x.shape[0]
