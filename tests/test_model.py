@@ -50,9 +50,9 @@ def save_hf(folder, cfg_cls: str, model_cls: str, kw: dict, seed: int = 0):
 class Pair:
     """A tiny checkpoint: our model over its safetensors and a fresh transformers reference."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, source=None):
         self.folder = folder
-        self.model = Model(HFSource(folder))
+        self.model = Model(source if source is not None else HFSource(folder))
 
     def ref(self):
         return tiny_models.load_reference(self.folder)
@@ -225,3 +225,48 @@ def test_rope_tables_match_transformers_init_functions():
         mine = ours._dynamic(seq) if seq else ours.inv_freq
         np.testing.assert_allclose(mine, inv.numpy(), rtol=2e-6, err_msg=rope)
         assert ours.attention_factor == pytest.approx(att, rel=1e-12), rope
+
+
+# ---- through a real .ef file ------------------------------------------------------------------
+
+def convert(pair: Pair, out, experts: str):
+    conv = pytest.importorskip("efconvert.convert")
+    from efengine.format import EfFile
+    return EfFile(conv.convert_hf(pair.folder, out, experts=experts, dense="f32", progress=False))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ef_f32_matches_transformers(pairs, tmp_path, name):
+    pair = pairs[name]
+    ef_pair = Pair(pair.folder, convert(pair, tmp_path / "m.ef", "f32"))
+    e_prefill, e_decode = check_prefill_and_decode(ef_pair, 12, 6)
+    assert e_prefill < TOL and e_decode < TOL
+    # same float32 weights through another source: the same bits
+    toks = prompt(10, seed=4)
+    np.testing.assert_array_equal(ef_pair.model.forward(toks, ef_pair.model.new_cache(10)),
+                                  pair.model.forward(toks, pair.model.new_cache(10)))
+
+
+def agreement(ref: Model, m: Model, prompts: int = 4, n: int = GEN) -> float:
+    """Teacher-forced greedy agreement: on the reference's greedy continuations, the fraction of
+    positions where `m` picks the same next token."""
+    same = total = 0
+    for s in range(prompts):
+        p = prompt(8, seed=100 + s)
+        g = greedy(ref, p, n)
+        seq = np.concatenate([p, g])
+        picks = m.forward(seq[:-1], m.new_cache(len(seq)))[len(p) - 1:].argmax(-1)
+        same += int((picks == np.array(g)).sum())
+        total += n
+    return same / total
+
+
+def test_quantized_experts_greedy_agreement(pairs, tmp_path):
+    rows = []
+    for name in FAMILIES:
+        ref = pairs[name].model
+        a8 = agreement(ref, Model(convert(pairs[name], tmp_path / f"{name}_q8.ef", "q8")))
+        a4 = agreement(ref, Model(convert(pairs[name], tmp_path / f"{name}_q4.ef", "q4")))
+        rows.append((name, a8, a4))
+        print(f"{name}: greedy agreement with f32, q8 experts {a8:.3f}, q4 experts {a4:.3f}")
+    assert all(a8 >= 0.8 for _, a8, _ in rows), rows
