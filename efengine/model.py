@@ -68,6 +68,24 @@ class KVCache:
         return self.k[layer][:end], self.v[layer][:end]
 
 
+def _check_shapes(source, cfg: ModelConfig) -> None:
+    """Stored shapes against the config, where the source records them (EfFile does), so a
+    mismatch is one clear error rather than a reshape failure deep in a forward pass."""
+    tensors = getattr(source, "tensors", None)
+    if not isinstance(tensors, dict):
+        return
+    from efmodels import expected_tensors, expert_shapes
+    where = getattr(source, "path", "weight source")
+    for name, shape, _ in expected_tensors(cfg):
+        t = tensors.get(name)
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise FormatError(f"{where}: tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(shape)}")
+    layout = getattr(source, "expert_layout", None) if cfg.is_moe else None
+    for part, shape in (expert_shapes(cfg).items() if layout else ()):
+        if tuple(layout[part].shape) != tuple(shape):
+            raise FormatError(f"{where}: expert {part} has shape {tuple(layout[part].shape)}, the config needs {tuple(shape)}")
+
+
 class Model:
     """Model(source, backend="numpy"|"cupy"|"auto", experts=None): weights from a weight source.
 
@@ -83,6 +101,7 @@ class Model:
         cfg = self.cfg
         if cfg.topk_method == "group_limited_greedy" and cfg.n_experts % cfg.n_group:
             raise ConfigError(f"config: {cfg.n_experts} experts do not split into n_group={cfg.n_group} groups")
+        _check_shapes(source, cfg)
         self.rope = Rope(cfg)
         self.scale = softmax_scale(cfg)
         self.experts = experts if experts is not None else ResidentExperts(source, b)

@@ -53,9 +53,13 @@ class Pair:
     def __init__(self, folder, source=None):
         self.folder = folder
         self.model = Model(source if source is not None else HFSource(folder))
+        self._ref = None
 
     def ref(self):
-        return tiny_models.load_reference(self.folder)
+        # loaded once: with default rope a transformers model keeps no state between calls
+        if self._ref is None:
+            self._ref = tiny_models.load_reference(self.folder)
+        return self._ref
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +243,7 @@ def convert(pair: Pair, out, experts: str):
 def test_ef_f32_matches_transformers(pairs, tmp_path, name):
     pair = pairs[name]
     ef_pair = Pair(pair.folder, convert(pair, tmp_path / "m.ef", "f32"))
+    ef_pair._ref = pair.ref()
     e_prefill, e_decode = check_prefill_and_decode(ef_pair, 12, 6)
     assert e_prefill < TOL and e_decode < TOL
     # same float32 weights through another source: the same bits
@@ -270,3 +275,23 @@ def test_quantized_experts_greedy_agreement(pairs, tmp_path):
         rows.append((name, a8, a4))
         print(f"{name}: greedy agreement with f32, q8 experts {a8:.3f}, q4 experts {a4:.3f}")
     assert all(a8 >= 0.8 for _, a8, _ in rows), rows
+
+
+class Reconfigured:
+    """An .ef file whose config was changed after conversion: shapes no longer fit."""
+
+    def __init__(self, ef, **changes):
+        from dataclasses import replace
+        self.ef, self.config = ef, replace(ef.config, **changes)
+
+    def __getattr__(self, name):
+        return getattr(self.ef, name)
+
+
+@pytest.mark.parametrize("changes,what", [({"intermediate_size": 97}, "blk.1.ffn_gate.weight"),
+                                          ({"moe_intermediate_size": 33}, "expert gate")])
+def test_shape_mismatch_is_a_clear_error(pairs, tmp_path, changes, what):
+    from efengine.errors import FormatError
+    ef = convert(pairs["qwen2_moe"], tmp_path / "m.ef", "f32")
+    with pytest.raises(FormatError, match=what):
+        Model(Reconfigured(ef, **changes))
