@@ -40,6 +40,10 @@ from the array module `xp` for reshapes, slicing, concatenation, + and *):
         the weighted sum in fixed rank order: acc = y[:,0]*w[:,0]; acc = acc + y[:,a]*w[:,a]
         for a = 1..A-1. y holds each (token, rank) expert output in its own slot, so the
         order the experts ran in never changes the bits.
+
+Inputs may be strided views (a slice of a projection, of the KV cache); a device backend makes
+them contiguous where its kernels need that. Ops return new arrays and never write their inputs.
+cos/sin tables come from efengine.rope (host float32, uploaded per step with asarray).
 """
 from __future__ import annotations
 
