@@ -8,8 +8,11 @@ template), special_tokens_map.json, generation_config.json (eos_token_id, possib
 separate chat_template.jinja, and the .ef's meta["tokenizer"] (bos / eos / chat_template), which
 wins over the files.
 
-Special tokens: `encode(text, add_special=True)` adds BOS/EOS as the model's tokenizer does
-(explicit add_bos_token/add_eos_token when given, otherwise tokenizer.json's post-processor).
+Special tokens: `encode(text, add_special=True)` adds BOS/EOS as the model's tokenizer does.
+With tokenizer.json its post-processor decides (as transformers 5 does: tokenizer_config's
+add_bos_token / add_eos_token do not override it). With tokenizer.model the config's
+add_bos_token / add_eos_token decide, defaulting to BOS on and EOS off (Llama's and llama.cpp's
+rule for SentencePiece vocabularies; transformers 5 defaults BOS off there).
 Special-token text inside `text` ("<s>", "<|im_end|>") becomes the special id, as in HF.
 Stop ids: every EOS id plus the end-of-turn tokens of chat formats present in the vocabulary.
 
@@ -140,8 +143,9 @@ class _SPBackend:
 class Tokenizer:
     """encode/decode plus the model's special tokens, stop ids and chat template."""
 
-    def __init__(self, backend, *, bos_token: str | None, eos_token: str | None, add_bos: bool | None,
-                 add_eos: bool | None, eos_ids=(), chat_template=None, where: str = "model"):
+    def __init__(self, backend, *, bos_token: str | None, eos_token: str | None, add_bos: bool | None = None,
+                 add_eos: bool | None = None, eos_ids=(), chat_template=None, where: str = "model"):
+        """add_bos / add_eos: None lets the backend decide (tokenizer.json's post-processor)."""
         self.backend = backend
         self.where = where
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -198,9 +202,12 @@ class Tokenizer:
         eos_ids = []
         for v in (gen.get("eos_token_id"), meta.get("eos_token_id")):
             eos_ids += v if isinstance(v, list) else [v]
-        flag = lambda k: cfg[k] if isinstance(cfg.get(k), bool) else meta.get(k)  # noqa: E731
-        return cls(backend, bos_token=bos, eos_token=eos, add_bos=flag("add_bos_token"),
-                   add_eos=flag("add_eos_token"), eos_ids=[i for i in eos_ids if isinstance(i, int)],
+        add_bos = add_eos = None
+        if backend.kind == "sentencepiece":
+            flag = lambda k, d: next((v for v in (cfg.get(k), meta.get(k)) if isinstance(v, bool)), d)  # noqa: E731
+            add_bos, add_eos = flag("add_bos_token", True), flag("add_eos_token", False)
+        return cls(backend, bos_token=bos, eos_token=eos, add_bos=add_bos, add_eos=add_eos,
+                   eos_ids=[i for i in eos_ids if isinstance(i, int)],
                    chat_template=_find_template(files, cfg, meta, where), where=where)
 
     @classmethod
