@@ -57,7 +57,8 @@ def _gib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def print_summary(s: dict, out=sys.stdout) -> None:
+def print_summary(s: dict, out=None) -> None:
+    out = out or sys.stdout
     c = s["config"]
     src = s.get("source") or {}
     p = lambda *a: print(*a, file=out)  # noqa: E731
