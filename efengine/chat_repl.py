@@ -45,8 +45,9 @@ def model_path(path):
     """The given path, else the built-in demo model when this build has one."""
     if path:
         return path
+    import importlib
     try:
-        from . import demo
+        demo = importlib.import_module("efengine.demo")
     except ModuleNotFoundError as e:
         if e.name != "efengine.demo":
             raise
