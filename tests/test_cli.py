@@ -121,10 +121,12 @@ def test_no_command_prints_help(capsys):
 
 
 @pytest.mark.parametrize("name", sorted(cli.DELEGATED))
-def test_delegated_commands(capsys, name):
-    if importlib.util.find_spec(f"efengine.{name}") is not None:
-        pytest.skip(f"efengine.{name} exists; its own tests cover it")
-    one_line_error(*run([name, "--help"], capsys)[::2], f"'efengine {name}' is not available")
+def test_delegated_commands(model, capsys, name):
+    if importlib.util.find_spec(f"efengine.{name}") is None:
+        one_line_error(*run([name, "--help"], capsys)[::2], f"'efengine {name}' is not available")
+    elif name == "info":                                     # its own tests cover the rest
+        rc, out, _ = run(["info", model, "--json"], capsys)
+        assert rc == 0 and json.loads(out)
 
 
 def test_chat_without_model(capsys):

@@ -24,8 +24,9 @@ USER = [{"role": "user", "content": "Hello world!"}]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_ef(tmp_path_factory.mktemp("qwen"), "qwen2_moe")
+def tiny(tiny_ef):
+    """qwen2_moe from conftest's shared fixture (its checkpoint carries tests/tiny_tokenizer.py's files)."""
+    return tiny_ef("qwen2_moe")
 
 
 @pytest.fixture
