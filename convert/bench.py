@@ -23,7 +23,7 @@ import numpy as np
 from efengine import quant
 
 from .hf import save_safetensors
-from .shapes import hf_config, shape_config
+from .shapes import hf_config
 
 SHAPE = "mixtral-8x7b"
 SHARD_BYTES = 1 << 30
@@ -98,19 +98,32 @@ def drop_cache(folder: Path) -> None:
             os.close(fd)
 
 
+# The converting child reports its own high-water RSS (VmHWM: this process image only) next to the
+# ru_maxrss its parent sees; the parent stays small (the checkpoint is built in another child)
+# because Linux carries a forked parent's RSS into the child's ru_maxrss.
+CHILD = ("import json, resource, sys\n"
+         "from efconvert.cli import main\n"
+         "rc = main(sys.argv[1:])\n"
+         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+         "print('BENCH ' + json.dumps({'vm_hwm_kb': int(hwm)}), file=sys.stderr)\n"
+         "sys.exit(rc)\n")
+
+
 def convert_once(src: Path, out: Path, experts: str, dense: str) -> dict:
-    """Run efconvert in a child process; wall time and the child's peak RSS."""
-    cmd = [sys.executable, "-m", "efconvert.cli", str(src), str(out), "--experts", experts, "--dense", dense,
-           "--no-progress"]
+    """Run efconvert in a child process; wall time, CPU time and peak RSS of the child."""
+    cmd = [sys.executable, "-c", CHILD, str(src), str(out), "--experts", experts, "--dense", dense, "--no-progress"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(f"efconvert failed ({r.returncode}): {r.stderr.strip()}")
-    # RUSAGE_CHILDREN holds the largest peak of any waited-for child: each run is its own process,
-    # so run the runs in order and read it after each one (peaks only grow; see peak_rss_note).
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"seconds": round(dt, 2), "peak_rss_MB": round(rss / 1e6, 1), "output_bytes": out.stat().st_size}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hwm = json.loads([l for l in r.stderr.splitlines() if l.startswith("BENCH ")][-1][6:])["vm_hwm_kb"]
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 2),
+            "peak_rss_MB": round(after.ru_maxrss * 1024 / 1e6, 1), "vm_hwm_MB": round(hwm * 1024 / 1e6, 1),
+            "output_bytes": out.stat().st_size}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,16 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", default="q4")
     p.add_argument("--dense", default="q8")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the .ef")
+    p.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.build_only:
+        print(build_checkpoint(Path(a.build_only), a.gb)[1])
+        return 0
     work = Path(tempfile.mkdtemp(prefix="efconvert-bench-", dir=a.dir))
     try:
         t0 = time.perf_counter()
-        src, in_bytes = build_checkpoint(work / "ckpt", a.gb)
-        _, cfg, _ = shape_config(SHAPE)
+        src = work / "ckpt"
+        built = subprocess.run([sys.executable, "-m", "efconvert.bench", "--build-only", str(src), "--gb", str(a.gb)],
+                               capture_output=True, text=True, check=True)
+        in_bytes = int(built.stdout.split()[-1])
         result = {"shape": f"{SHAPE} truncated to {json.loads((src / 'config.json').read_text())['num_hidden_layers']} layers",
                   "input_bytes": in_bytes, "source_dtype": "bf16", "experts": a.experts, "dense": a.dense,
                   "group": quant.DEFAULT_GROUP, "cpus": os.cpu_count(), "build_seconds": round(time.perf_counter() - t0, 1),
-                  "peak_rss_note": "ru_maxrss of the converting child process (max over runs)"}
+                  "load_average": os.getloadavg()[0],
+                  "peak_rss_note": "peak_rss_MB: ru_maxrss of the converting children (max over runs); "
+                                   "vm_hwm_MB: the converter's own high-water RSS"}
         runs = ["cold", "warm"] if a.cache == "both" else [a.cache]
         for mode in runs:
             out = work / f"out-{mode}.ef"

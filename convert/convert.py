@@ -194,12 +194,14 @@ class Encoder:
         if qtype == "f32":
             views["w"][r0:r1] = w
             return 0.0, 0.0
-        buf = quant.quantize(w, qtype, group)
+        err = [0.0]
+        buf = quant.quantize(w, qtype, group, err=err if qtype in quant.QUANT_TYPES else None)
         for p, v in quant.views(buf, qtype, w.shape, group).items():
             views[p][r0:r1] = v
-        d = quant.dequantize(buf, qtype, w.shape, group).reshape(-1)
-        d -= w.reshape(-1)
-        return float(np.dot(d, d)), float(np.dot(w.reshape(-1), w.reshape(-1)))
+        if qtype not in quant.QUANT_TYPES:      # f16 / bf16 rounding: measure it directly
+            d = quant.dequantize(buf, qtype, w.shape, group).reshape(-1) - w.reshape(-1)
+            err[0] = float(np.dot(d, d))
+        return err[0], float(np.dot(w.reshape(-1), w.reshape(-1)))
 
     def report(self) -> dict[str, float]:
         """Relative RMS error per class over the tensors that were rounded (0.0: all exact)."""

@@ -113,8 +113,12 @@ def _grouped(w: np.ndarray, group: int) -> np.ndarray:
     return w.reshape(n, kp // group, group)
 
 
-def quantize(w: np.ndarray, qtype: str, group: int = DEFAULT_GROUP) -> np.ndarray:
-    """Any float array -> the stored bytes (uint8, length nbytes(qtype, shape, group))."""
+def quantize(w: np.ndarray, qtype: str, group: int = DEFAULT_GROUP, err: list | None = None) -> np.ndarray:
+    """Any float array -> the stored bytes (uint8, length nbytes(qtype, shape, group)).
+
+    err: for q4/q8, a one-element list to which the squared error ||dequantize(result) - w||^2 is
+    added, computed on the fly with the same float32 operations dequantize uses (no second pass).
+    """
     w = np.asarray(w)
     parts, total = layout(qtype, w.shape, group)
     out = np.zeros(total, np.uint8)
@@ -126,10 +130,10 @@ def quantize(w: np.ndarray, qtype: str, group: int = DEFAULT_GROUP) -> np.ndarra
     elif qtype == "bf16":
         v["w"][...] = w.view(np.uint16) if w.dtype == np.uint16 else f32_to_bf16(w.astype(np.float32))
     elif qtype == "q8":
-        q, s = quantize_q8(w.astype(np.float32), group)
+        q, s = quantize_q8(w.astype(np.float32, copy=False), group, err)
         v["q"][...], v["s"][...] = q, s
     else:
-        q, s, m = quantize_q4(w.astype(np.float32), group)
+        q, s, m = quantize_q4(w.astype(np.float32, copy=False), group, err)
         v["q"][...], v["s"][...], v["m"][...] = q, s, m
     return out
 
@@ -146,17 +150,27 @@ def _row_steps(n: int, k: int):
         yield r0, min(n, r0 + step)
 
 
-def quantize_q8(w: np.ndarray, group: int):
+def _add_error(err: list | None, rec: np.ndarray, g: np.ndarray, k: int) -> None:
+    """err[0] += ||rec - g||^2 over the first k columns (the rest is padding); rec is overwritten."""
+    if err is None:
+        return
+    rec -= g
+    d = rec.reshape(rec.shape[0], -1)[:, :k]
+    d = d.reshape(-1) if d.flags.c_contiguous else d.ravel()
+    err[0] += float(np.dot(d, d))
+
+
+def quantize_q8(w: np.ndarray, group: int, err: list | None = None):
     """float32 [N, K] -> codes int8 [N, Kp], scales f16 [N, G]."""
     n, k = w.shape
     kp = _align(k, group)
     q, s = np.empty((n, kp), np.int8), np.empty((n, kp // group), np.float16)
     for r0, r1 in _row_steps(n, kp):
-        q[r0:r1], s[r0:r1] = _q8_rows(w[r0:r1], group)
+        q[r0:r1], s[r0:r1] = _q8_rows(w[r0:r1], group, err)
     return q, s
 
 
-def _q8_rows(w: np.ndarray, group: int):
+def _q8_rows(w: np.ndarray, group: int, err: list | None):
     g = _grouped(w, group)
     amax = np.abs(g).max(axis=2)
     s = (amax / np.float32(127.0)).astype(np.float16)
@@ -165,21 +179,25 @@ def _q8_rows(w: np.ndarray, group: int):
     x = g * inv[..., None]
     np.rint(x, out=x)
     np.clip(x, -127, 127, out=x)
-    return x.astype(np.int8).reshape(w.shape[0], -1), s
+    q = x.astype(np.int8).reshape(w.shape[0], -1)
+    if err is not None:
+        x *= sf[..., None]                    # = dequantize: codes * scale
+        _add_error(err, x, g, w.shape[1])
+    return q, s
 
 
-def quantize_q4(w: np.ndarray, group: int):
+def quantize_q4(w: np.ndarray, group: int, err: list | None = None):
     """float32 [N, K] -> packed codes uint8 [N, Kp/2], scales and minimums f16 [N, G]."""
     n, k = w.shape
     kp = _align(k, group)
     packed = np.empty((n, kp // 2), np.uint8)
     s, m = np.empty((n, kp // group), np.float16), np.empty((n, kp // group), np.float16)
     for r0, r1 in _row_steps(n, kp):
-        packed[r0:r1], s[r0:r1], m[r0:r1] = _q4_rows(w[r0:r1], group)
+        packed[r0:r1], s[r0:r1], m[r0:r1] = _q4_rows(w[r0:r1], group, err)
     return packed, s, m
 
 
-def _q4_rows(w: np.ndarray, group: int):
+def _q4_rows(w: np.ndarray, group: int, err: list | None):
     g = _grouped(w, group)
     lo, hi = g.min(axis=2), g.max(axis=2)
     # Scale and offset are rounded to fp16 first and the codes chosen against the rounded
@@ -193,6 +211,10 @@ def _q4_rows(w: np.ndarray, group: int):
     np.rint(x, out=x)
     np.clip(x, 0, 15, out=x)
     q = x.astype(np.uint8).reshape(w.shape[0], -1)
+    if err is not None:
+        x *= sf[..., None]                    # = dequantize: codes * scale + min
+        x += mf[..., None]
+        _add_error(err, x, g, w.shape[1])
     return q[:, 0::2] | (q[:, 1::2] << 4), s, m
 
 

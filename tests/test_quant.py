@@ -71,6 +71,18 @@ def test_error_bounds_on_gaussian_weights(qtype, bound, group):
     assert err > bound / 20
 
 
+@pytest.mark.parametrize("qtype", ["q4", "q8"])
+@pytest.mark.parametrize("shape", [(100, 256), (33, 70)])
+def test_error_reported_while_quantizing_matches_dequantize(qtype, shape, monkeypatch):
+    monkeypatch.setattr(quant, "_CHUNK", 640)            # several chunks accumulate into err
+    w = gaussian(shape)
+    err = [0.0]
+    buf = quant.quantize(w, qtype, 64, err=err)
+    d = quant.dequantize(buf, qtype, shape, 64).astype(np.float64) - w
+    assert err[0] == pytest.approx(float((d ** 2).sum()), rel=1e-5)
+    np.testing.assert_array_equal(buf, quant.quantize(w, qtype, 64))   # asking for err changes nothing
+
+
 def test_q4_reproduces_values_on_its_grid_exactly():
     n, k, group = 16, 256, 64
     G = k // group
