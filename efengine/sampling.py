@@ -74,7 +74,10 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-# ---- the steps, each a pure function on a float logits vector [V] ----------------------------
+# ---- the steps, each a pure function on a float32 logits vector [V] --------------------------
+# A 150k vocabulary must not cost more than a fraction of a 2-3 ms decode step: no full sort,
+# no float64 pass over V. Filters look at the few tokens near the maximum first and widen only
+# when those cannot decide (the answer is the same as a full sort's).
 
 def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.ndarray:
     """HF RepetitionPenaltyLogitsProcessor: every token seen in `history` (prompt and output) has
@@ -82,54 +85,95 @@ def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.
     out = np.array(logits, dtype=np.float32, copy=True)
     if penalty == 1.0 or len(history) == 0:
         return out
-    ids = np.unique(np.asarray(history, dtype=np.int64))
-    ids = ids[(ids >= 0) & (ids < out.shape[-1])]
-    seen = out[ids]
-    out[ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+    h = np.asarray(history, dtype=np.int64)
+    seen = np.zeros(out.shape[-1], dtype=bool)
+    seen[h[(h >= 0) & (h < out.shape[-1])]] = True
+    ids = np.flatnonzero(seen)
+    v = out[ids]
+    out[ids] = np.where(v < 0, v * np.float32(penalty), v / np.float32(penalty))
     return out
+
+
+def _near_max(x: np.ndarray, enough) -> np.ndarray:
+    """Indices of the tokens within d of the max logit, for the smallest d in 8, 32, inf such
+    that enough(indices) holds."""
+    m = x.max()
+    for d in (8.0, 32.0):
+        idx = np.flatnonzero(x >= m - d)
+        if enough(idx):
+            return idx
+    return np.arange(x.shape[-1])
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     """Keep the k largest logits (and any tied with the k-th), others -> -inf."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = np.partition(logits, -k)[-k]
-    return np.where(logits < kth, -np.inf, logits).astype(logits.dtype)
+    cand = logits[_near_max(logits, lambda idx: idx.size >= k)]
+    kth = np.partition(cand, -k)[-k]
+    return np.where(logits < kth, np.float32(-np.inf), logits).astype(logits.dtype, copy=False)
 
 
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p.
 
     As HF TopPLogitsWarper: sort ascending, drop tokens whose cumulative probability is <= 1-p;
-    the most likely token always stays. Ties break by token id (stable sort)."""
+    the most likely token always stays; ties break by token id (stable sort). Only tokens near
+    the max are sorted: once they hold mass >= p, every other token has >= p above it."""
     if p >= 1.0:
         return logits
-    order = np.argsort(logits, kind="stable")                 # ascending
-    cum = np.cumsum(softmax(logits[order]))
-    drop_sorted = cum <= (1.0 - p)
-    drop_sorted[-1] = False
-    out = logits.copy()
-    out[order[drop_sorted]] = -np.inf
+    w = _weights(logits)
+    total = w.sum(dtype=np.float64)
+    idx = _near_max(logits, lambda i: w[i].sum(dtype=np.float64) >= p * total)
+    order = idx[np.argsort(logits[idx], kind="stable")]          # ascending
+    below = total - w[idx].sum(dtype=np.float64)                   # mass of the tokens not sorted
+    cum = (below + np.cumsum(w[order], dtype=np.float64)) / total
+    drop = cum <= (1.0 - p)
+    drop[-1] = False
+    out = np.full_like(logits, -np.inf)
+    keep = order[~drop]
+    out[keep] = logits[keep]
     return out
 
 
 def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
-    """Drop tokens whose probability is below min_p times the top token's (HF MinPLogitsWarper)."""
+    """Drop tokens whose probability is below min_p times the top token's (HF MinPLogitsWarper).
+    p_i / p_max = exp(x_i - x_max), so the test needs no softmax."""
     if min_p <= 0.0:
         return logits
-    probs = softmax(logits)
-    keep = probs >= min_p * probs.max()
-    return np.where(keep, logits, -np.inf).astype(logits.dtype)
+    keep = logits >= logits.max() + np.float32(np.log(min_p))
+    return np.where(keep, logits, np.float32(-np.inf)).astype(logits.dtype, copy=False)
+
+
+def _weights(x: np.ndarray) -> np.ndarray:
+    """Unnormalized probabilities exp(x - max) in float32 (0 for -inf)."""
+    m = x.max()
+    if not np.isfinite(m):
+        raise ConfigError("every token was filtered out or the model produced non-finite logits")
+    return np.exp(x - m, dtype=np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities in float64 (exact enough for cumulative sums over a 150k vocabulary)."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = np.max(x)
-    if not np.isfinite(m):
-        raise ConfigError("every token was filtered out or the model produced non-finite logits")
-    e = np.exp(x - m)
-    return e / e.sum()
+    """Probabilities in float64."""
+    w = _weights(np.asarray(logits, dtype=np.float32)).astype(np.float64)
+    return w / w.sum()
+
+
+def draw(w: np.ndarray, u: float, block: int = 1024) -> int:
+    """Index i with probability w[i] / sum(w) given u uniform in [0, 1): inverse CDF, found
+    block by block so the float64 cumulative sum covers one block, not the whole vocabulary."""
+    pad = (-w.shape[0]) % block
+    wb = np.concatenate([w, np.zeros(pad, w.dtype)]) if pad else w
+    cb = np.cumsum(wb.reshape(-1, block).sum(axis=1, dtype=np.float64))
+    target = u * cb[-1]
+    b = min(int(np.searchsorted(cb, target, side="right")), len(cb) - 1)
+    while cb[b] == (cb[b - 1] if b else 0.0):      # rounding landed on an empty block: step back
+        b -= 1
+    seg = wb[b * block:(b + 1) * block]
+    cw = np.cumsum(seg, dtype=np.float64)
+    j = min(int(np.searchsorted(cw, target - (cb[b - 1] if b else 0.0), side="right")), block - 1)
+    j = min(j, int(np.flatnonzero(seg > 0)[-1]))    # never a zero-weight token
+    return b * block + j
 
 
 class Sampler:
@@ -156,9 +200,7 @@ class Sampler:
         x = self.filtered(logits, history)
         if self.params.greedy:
             return int(np.argmax(x))
-        cdf = np.cumsum(softmax(x))
-        u = self.rng.random() * cdf[-1]
-        return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
+        return draw(_weights(x), self.rng.random())
 
 
 class StopStrings:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from efengine.errors import ConfigError
-from efengine.sampling import (Sampler, SamplingParams, StopStrings, apply_repetition_penalty, min_p_filter,
+from efengine.sampling import (Sampler, SamplingParams, StopStrings, apply_repetition_penalty, draw, min_p_filter,
                                softmax, top_k_filter, top_p_filter)
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -120,6 +120,34 @@ def test_filtered_tokens_are_never_drawn():
     assert {s.next_token(x, []) for _ in range(500)} == {1, 2}
     s = Sampler(SamplingParams(temperature=1.0, min_p=0.5, seed=1))
     assert {s.next_token(LOGITS, []) for _ in range(500)} == {0, 1}
+
+
+def test_draw_is_the_inverse_cdf():
+    w = np.array([0, 1, 0, 3], np.float32)
+    assert [draw(w, u) for u in (0.0, 0.24, 0.26, 0.999999)] == [1, 1, 3, 3]
+    rng = np.random.default_rng(0)
+    for block in (1, 2, 3, 1024):
+        w = rng.random(1000).astype(np.float32) * (rng.random(1000) < 0.3)   # mostly zeros
+        cdf = np.cumsum(w.astype(np.float64))
+        for u in rng.random(300):
+            want = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+            got = draw(w, u, block)
+            assert got == want and w[got] > 0, (block, u)
+
+
+def test_large_vocabularies_filter_like_a_full_sort():
+    """The near-the-max shortcuts against plain full-sort versions on 150k-token logits."""
+    rng = np.random.default_rng(1)
+    for scale in (0.5, 3.0, 12.0):                           # flat to peaky
+        x = (rng.standard_normal(150_000) * scale).astype(np.float32)
+        order = np.argsort(x, kind="stable")
+        probs = softmax(x)
+        cum = np.cumsum(probs[order])
+        for p in (0.5, 0.9, 0.99):
+            keep = order[~(cum <= 1 - p) | (np.arange(len(x)) == len(x) - 1)]
+            assert kept(top_p_filter(x, p)) == sorted(keep.tolist()), (scale, p)
+        for k in (1, 40, 5000):
+            assert kept(top_k_filter(x, k)) == sorted(order[-k:].tolist()), (scale, k)
 
 
 def test_temperature_sharpens():
