@@ -1,0 +1,171 @@
+"""The CuPy backend: the interface of numpy_backend.py on our own CUDA kernels.
+
+Legend: T tokens, K / N a linear's inputs / outputs, D hidden, H / G query / kv heads,
+dq / dv head dims, S keys, E experts, A active experts, I expert width.
+
+Matrices stay in their stored type on the device (GpuWeight); the kernels dequantize on the fly:
+- T <= SMALL_T tokens: GEMV kernels (q4 / q8 / f16 / bf16 / f32 weights, fp32 accumulation);
+- larger T (prefill): weights widened to fp16 on the fly, then cuBLAS (fp32 accumulation).
+Routed experts run through the MoE kernels (gate+up+SiLU fused, then down) for small T and
+through fp16 GEMMs for prefill. Every op has its numpy twin in NumpyBackend (tests compare).
+The CUDA-graph decode path that needs no host round trip is gpu_decode.DecodeGraph.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import quant
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..format import expert_layout
+from . import gpu_ops as ops
+from .gpu_kernels import cupy
+from .gpu_weights import ExpertHandle, ExpertLayout, GpuWeight, make_weight, upload_blob
+
+SMALL_T = 8     # up to this many tokens a linear uses the GEMV kernels
+
+
+def device_bytes(raw):
+    """Stored bytes of a tensor (host numpy / memmap, or already on the device) as device uint8."""
+    return upload_blob(raw).reshape(-1).view(cupy.uint8)
+
+
+class CupyBackend:
+    name = "cupy"
+    xp = cupy
+
+    def __init__(self):
+        self._layouts: dict[int, ExpertLayout] = {}
+
+    # ---- transfers and weights --------------------------------------------------------------
+    def asarray(self, a):
+        return cupy.asarray(a)
+
+    def to_host(self, a) -> np.ndarray:
+        return cupy.asnumpy(a)
+
+    def weight(self, source, name: str):
+        """A matrix as a GpuWeight (stored type); a 1-D tensor as a float32 device array."""
+        if not source.has(name):
+            raise FormatError(f"weight source lacks tensor {name!r}, which this model's config needs")
+        tensors = getattr(source, "tensors", None)
+        info = tensors.get(name) if isinstance(tensors, dict) else None
+        if info is not None and len(info.shape) == 2:
+            return make_weight(info.type, info.shape, info.group, device_bytes(source.raw(name)))
+        w = cupy.asarray(np.ascontiguousarray(source.load(name), dtype=np.float32))
+        if w.ndim == 2:         # a source without stored bytes (e.g. float32 from safetensors)
+            return GpuWeight("f32", w.shape, 0, w.reshape(-1).view(cupy.uint8))
+        return w
+
+    def load_expert(self, source, layer: int, e: int) -> ExpertHandle:
+        """One expert's blob on the device (sources without blobs: packed as float32 parts)."""
+        if not hasattr(source, "expert_blob"):
+            lay, blob = _f32_blob(source.expert_weights(layer, e))
+            return ExpertHandle(int(blob.data.ptr), lay, blob)
+        key = id(source)
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = self._layouts[key] = ExpertLayout.of(source)
+        blob = device_bytes(source.expert_blob(layer, e))
+        return ExpertHandle(int(blob.data.ptr), lay, blob)
+
+    # ---- dense ops -----------------------------------------------------------------------------
+    def linear(self, x, W):
+        if not isinstance(W, GpuWeight):
+            return cupy.matmul(x, W.T)
+        x = cupy.ascontiguousarray(x, dtype=cupy.float32)
+        if x.shape[-1] != W.K:
+            raise FormatError(f"linear: x has {x.shape[-1]} inputs, the weight {W.K}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, W.K)
+        if x2.shape[0] <= SMALL_T:
+            y = ops.linear_small(x2, W)
+        else:
+            y = ops.matmul_f16(x2, W.f16())
+        return y.reshape(*lead, W.N)
+
+    def embed(self, ids, W):
+        ids = cupy.ascontiguousarray(cupy.asarray(ids).reshape(-1), dtype=cupy.int32)
+        if not isinstance(W, GpuWeight):
+            return W[ids]
+        return ops.embed(ids, W)
+
+    def rms_norm(self, x, w, eps: float):
+        D = x.shape[-1]
+        x2 = cupy.ascontiguousarray(x, dtype=cupy.float32).reshape(-1, D)
+        out = cupy.empty_like(x2)
+        ops.rows_prep(x2, D, nw=cupy.ascontiguousarray(w, dtype=cupy.float32), eps=eps, x32=out)
+        return out.reshape(x.shape)
+
+    def rope(self, x, cos, sin, interleaved: bool = False):
+        if x.strides[-1] != 4:
+            x = cupy.ascontiguousarray(x)
+        return ops.rope(x, cos, sin, interleaved)
+
+    def attention(self, q, k, v, pos0: int, scale: float):
+        if q.strides[-1] != 4:
+            q = cupy.ascontiguousarray(q)
+        return ops.attention(q, cupy.ascontiguousarray(k), cupy.ascontiguousarray(v), pos0, scale)
+
+    _silu_mul = None
+    _sigmoid = None
+
+    def silu_mul(self, g, u):
+        if CupyBackend._silu_mul is None:
+            CupyBackend._silu_mul = cupy.ElementwiseKernel(
+                "float32 g, float32 u", "float32 y", "y = g / (1.0f + expf(-g)) * u", "efengine_silu_mul")
+        return CupyBackend._silu_mul(g, u)
+
+    def sigmoid(self, x):
+        if CupyBackend._sigmoid is None:
+            CupyBackend._sigmoid = cupy.ElementwiseKernel(
+                "float32 x", "float32 y", "y = 1.0f / (1.0f + expf(-x))", "efengine_sigmoid")
+        return CupyBackend._sigmoid(x)
+
+    # ---- mixture of experts ------------------------------------------------------------------
+    def route(self, logits, cfg: ModelConfig):
+        return ops.route(logits, cfg)
+
+    def expert_ffn(self, x, h: ExpertHandle):
+        x = cupy.ascontiguousarray(x, dtype=cupy.float32)
+        T = x.shape[0]
+        lay = h.layout
+        if T > SMALL_T:
+            g = ops.matmul_f16(x, h.weight("gate").f16())
+            u = ops.matmul_f16(x, h.weight("up").f16())
+            return ops.matmul_f16(self.silu_mul(g, u), h.weight("down").f16())
+        gate, up, down = (ops.Mat.of_part(lay.parts[p]) for p in ("gate", "up", "down"))
+        src = ops.Experts(base=h.base)
+        return _expert_pairs(src, gate, up, down, T, 1, x, None)
+
+    def moe_combine(self, y, weights):
+        acc = y[:, 0] * weights[:, 0, None]
+        for a in range(1, y.shape[1]):
+            acc = acc + y[:, a] * weights[:, a, None]
+        return acc
+
+
+def _f32_blob(w: dict):
+    """gate / up / down float32 arrays -> (layout, device blob) in the .ef blob layout."""
+    specs = {p: ("f32", tuple(w[p].shape), quant.DEFAULT_GROUP) for p in ("gate", "up", "down")}
+    places, nbytes = expert_layout(specs)
+    blob = np.zeros(nbytes, dtype=np.uint8)
+    for p, t in places.items():
+        blob[t.offset:t.offset + t.nbytes] = np.ascontiguousarray(w[p], dtype=np.float32).reshape(-1).view(np.uint8)
+    return ExpertLayout(places, nbytes), cupy.asarray(blob)
+
+
+def _expert_pairs(src, gate, up, down, P: int, A: int, x, rw):
+    """Routed-expert FFN of P (token, rank) pairs through the MoE kernels -> y [P, D]."""
+    T, D = x.shape
+    prep = None
+    if gate.qtype in ("q4", "q8"):
+        prep = ops.XPrep(T, D, gate.Kp)
+        ops.rows_prep(x, D, prep=prep)
+    I = gate.N
+    h = cupy.empty((P, I), dtype=cupy.float32)
+    hprep = ops.XPrep(P, I, max(down.Kp, ops.cdiv(I, 32) * 32)) if down.qtype in ("q4", "q8") else None
+    ops.moe_gateup(src, gate, up, P, A, x, prep, h, hprep)
+    y = cupy.empty((P, D), dtype=cupy.float32)
+    ops.moe_down(src, down, P, h, hprep, rw, y)
+    return y

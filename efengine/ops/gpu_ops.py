@@ -1,0 +1,353 @@
+"""Launch wrappers of the CUDA kernels: shapes, dtypes and contiguity are checked here.
+
+Legend: T tokens, R rows, K inputs, N outputs, KX prepared length (>= every consumer's Kp),
+H / G query / kv heads, dq / dv head dims, S keys, E experts, A active experts, P = T*A pairs,
+I expert width, D hidden.
+
+The functions take preallocated outputs where a captured CUDA graph needs fixed addresses
+(gpu_decode.py) and allocate otherwise. None of them synchronizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .gpu_kernels import addr, cdiv, cupy, f32, i32, i64, launch, ptr, u64
+from .gpu_weights import GpuWeight, PartPlace
+
+GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
+GEMV_RW = {1: 2, 2: 2, 4: 2, 8: 1}
+ATT_WARPS = 4
+
+
+def _f32c(a, what: str):
+    if a.dtype != cupy.float32:
+        raise ConfigError(f"{what}: expected float32, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ConfigError(f"{what}: expected a contiguous array")
+    return a
+
+
+class XPrep:
+    """Prepared activations of R rows for quantized weights of row length <= KX (see common.cuh)."""
+
+    def __init__(self, R: int, K: int, KX: int):
+        if KX % 32 or KX < K:
+            raise ConfigError(f"prepared length {KX} must be a multiple of 32 and >= K={K}")
+        self.R, self.K, self.KX = R, K, KX
+        self.xh = cupy.zeros((R, KX), dtype=cupy.uint16)
+        self.xs = cupy.zeros((R, KX // 32), dtype=cupy.float32)
+        self.xc = cupy.ones((R, KX // 32), dtype=cupy.float32)
+
+    def rows(self, r0: int, r1: int) -> "XPrep":
+        v = XPrep.__new__(XPrep)
+        v.R, v.K, v.KX = r1 - r0, self.K, self.KX
+        v.xh, v.xs, v.xc = self.xh[r0:r1], self.xs[r0:r1], self.xc[r0:r1]
+        return v
+
+
+def prep_len(K: int, *weights) -> int:
+    return max([K + (-K) % 32] + [w.Kp for w in weights if w is not None and w.quantized])
+
+
+def rows_prep(h, K: int, *, ybuf=None, A: int = 0, add2=None, add2_gate=None, nw=None, eps: float = 0.0,
+              x32=None, prep: XPrep | None = None) -> None:
+    """h [R, >=K] f32 rows: residual update, optional RMSNorm into x32 [R, K], optional xprep."""
+    if h.ndim != 2 or h.strides[1] != 4 or h.dtype != cupy.float32:
+        raise ConfigError("rows_prep: h must be float32 [R, ld] with contiguous rows")
+    R, ldh = h.shape[0], h.strides[0] // 4
+    if nw is not None and (x32 is None or x32.shape != (R, K)):
+        raise ConfigError("rows_prep: RMSNorm needs x32 [R, K]")
+    if prep is not None and (prep.R != R or prep.K != K):
+        raise ConfigError(f"rows_prep: prep is for {prep.R} x {prep.K}, got {R} x {K}")
+    launch("gemv", "rows_prep", (R,), (256,),
+           (h, i32(ldh), i32(K), ptr(ybuf), i32(A), ptr(add2), ptr(add2_gate), ptr(nw), f32(eps), ptr(x32),
+            ptr(None if prep is None else prep.xh), ptr(None if prep is None else prep.xs),
+            ptr(None if prep is None else prep.xc), i32(0 if prep is None else prep.KX)))
+
+
+# ---- GEMV ------------------------------------------------------------------------------------
+
+def gemv_desc(items) -> object:
+    """items: (W: GpuWeight, y [T, ldy] f32, bias [N] or None, accumulate) -> device u64 [n, 8]."""
+    d = np.zeros((len(items), 8), dtype=np.uint64)
+    for i, (W, y, bias, acc) in enumerate(items):
+        if y.dtype != cupy.float32 or y.strides[-1] != 4:
+            raise ConfigError("gemv: outputs must be float32 with contiguous rows")
+        ldy = y.strides[0] // 4 if y.ndim == 2 else W.N
+        d[i] = (W.ptr("q"), W.ptr("s"), W.ptr("m"), addr(y), addr(bias), W.N, ldy, 1 if acc else 0)
+    return cupy.asarray(d)
+
+
+def gemv_launch(desc, weights: list, T: int, x32, prep: XPrep | None) -> None:
+    """One launch of matrices (same type, K, group) for T in GEMV_T tokens."""
+    W = weights[0]
+    for w in weights[1:]:
+        if (w.qtype, w.K, w.Kp, w.group) != (W.qtype, W.K, W.Kp, W.group):
+            raise ConfigError("gemv: matrices of one launch must share type, K and group")
+    if T not in GEMV_RW:
+        raise ConfigError(f"gemv: no kernel for {T} tokens")
+    if W.quantized:
+        if prep is None or prep.KX < W.Kp:
+            raise ConfigError("gemv: quantized weights need an xprep at least Kp long")
+        xh, xs, xc, KX, ldx = prep.xh, prep.xs, prep.xc, prep.KX, 0
+    else:
+        if x32 is None or x32.shape[-1] != W.K or not x32.flags.c_contiguous:
+            raise ConfigError(f"gemv: float weights need contiguous float32 x [T, {W.K}]")
+        xh = xs = xc = None
+        KX, ldx = 0, W.K
+    rows = 8 * GEMV_RW[T]
+    nmax = max(w.N for w in weights)
+    launch("gemv", f"gemv_{W.qtype}_t{T}", (cdiv(nmax, rows), len(weights)), (256,),
+           (desc, i32(W.K), i32(W.Kp), i32(W.gshift), ptr(x32), i32(ldx), ptr(xh), ptr(xs), ptr(xc), i32(KX)))
+
+
+def token_chunks(T: int):
+    """Split T tokens into runs the compiled variants cover: [(t0, n), ...]."""
+    out, t0 = [], 0
+    while t0 < T:
+        n = next(c for c in GEMV_T if c <= T - t0)
+        out.append((t0, n))
+        t0 += n
+    return out
+
+
+def linear_small(x, W: GpuWeight):
+    """y [T, N] = x [T, K] @ W.T for T <= a few tokens, through the GEMV kernels."""
+    T = x.shape[0]
+    x = _f32c(cupy.ascontiguousarray(x), "linear x")
+    y = cupy.empty((T, W.N), dtype=cupy.float32)
+    prep = None
+    if W.quantized:
+        prep = XPrep(T, W.K, W.Kp)
+        rows_prep(x, W.K, prep=prep)
+    for t0, n in token_chunks(T):
+        desc = gemv_desc([(W, y[t0:t0 + n], None, False)])
+        gemv_launch(desc, [W], n, x[t0:t0 + n], None if prep is None else prep.rows(t0, t0 + n))
+    return y
+
+
+# ---- prefill: dequantize + cuBLAS -------------------------------------------------------------
+
+def to_f16_rows(x):
+    """x [T, K] f32 -> (fp16 rows scaled by powers of two so |max| lies in [8, 16), 1/scale [T, 1])."""
+    amax = cupy.abs(x).max(axis=1)
+    _, e = cupy.frexp(amax)
+    ok = (amax > 0) & cupy.isfinite(amax)
+    inv = cupy.where(ok, cupy.ldexp(cupy.float32(1), e - 4), cupy.float32(1)).astype(cupy.float32)
+    return (x / inv[:, None]).astype(cupy.float16), inv[:, None]
+
+
+def matmul_f16(x, w16):
+    """y [T, N] f32 = x [T, K] f32 @ w16 [N, K].T with fp16 operands and fp32 accumulation."""
+    x16, inv = to_f16_rows(x)
+    return cupy.matmul(x16, w16.T).astype(cupy.float32) * inv
+
+
+# ---- routing ---------------------------------------------------------------------------------
+
+def route_params(cfg: ModelConfig) -> tuple:
+    E, A = cfg.n_experts, cfg.top_k
+    method = 1 if cfg.topk_method == "group_limited_greedy" else 0
+    if E > 512 or A > 32 or A > E:
+        raise ConfigError(f"GPU routing takes up to 512 experts and 32 active ones, got E={E}, A={A}")
+    if method and (cfg.n_group > 32 or E % cfg.n_group):
+        raise ConfigError(f"GPU group-limited routing needs n_group <= 32 dividing E, got {cfg.n_group}")
+    return (i32(E), i32(A), i32(method), i32(cfg.n_group), i32(cfg.topk_group), i32(bool(cfg.norm_topk_prob)),
+            i32(cfg.moe_weighting == "ones"), f32(cfg.routed_scaling_factor))
+
+
+def route(logits, cfg: ModelConfig, ids=None, wts=None):
+    """logits [T, E] f32 -> ids [T, A] int32, weights [T, A] f32 (NumpyBackend.route's rules)."""
+    logits = _f32c(cupy.ascontiguousarray(logits), "route logits")
+    T, E = logits.shape
+    if E != cfg.n_experts:
+        raise ConfigError(f"route: {E} logits but the config has {cfg.n_experts} experts")
+    p = route_params(cfg)
+    ids = cupy.empty((T, cfg.top_k), dtype=cupy.int32) if ids is None else ids
+    wts = cupy.empty((T, cfg.top_k), dtype=cupy.float32) if wts is None else wts
+    launch("gemv", "route_kernel", (T,), (32,), (logits, i32(T), *p, ids, wts))
+    return ids, wts
+
+
+def router(W: GpuWeight, T: int, x32, prep: XPrep | None, cfg: ModelConfig, ids, wts, *,
+           logits=None, extra: GpuWeight | None = None, extra_out=None) -> None:
+    """Router GEMV + routing in one launch (one block a token); extra = a one-row gate beside it."""
+    if W.N != cfg.n_experts:
+        raise ConfigError(f"router has {W.N} rows, config {cfg.n_experts} experts")
+    if extra is not None and (extra.qtype, extra.K, extra.group) != (W.qtype, W.K, W.group):
+        raise ConfigError("router: the shared-expert gate must share the router's type and group")
+    q = None if prep is None else prep
+    launch("gemv", f"router_{W.qtype}", (T,), (256,),
+           (u64(W.ptr("q")), u64(W.ptr("s")), u64(W.ptr("m")),
+            u64(0 if extra is None else extra.ptr("q")), u64(0 if extra is None else extra.ptr("s")),
+            u64(0 if extra is None else extra.ptr("m")), i32(W.K), i32(W.Kp), i32(W.gshift),
+            ptr(x32), i32(W.K), ptr(q and q.xh), ptr(q and q.xs), ptr(q and q.xc), i32(0 if q is None else q.KX),
+            ptr(logits), ptr(extra_out), *route_params(cfg), ids, wts))
+
+
+# ---- mixture of experts ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mat:
+    """A matrix for the MoE kernels: type, shape, and q / s / m as offsets from a base address."""
+    qtype: str
+    N: int
+    K: int
+    Kp: int
+    gshift: int
+    q: int
+    s: int
+    m: int
+
+    @classmethod
+    def of_part(cls, p: PartPlace) -> "Mat":
+        return cls(p.qtype, p.shape[0], p.shape[1], p.Kp, p.gshift, p.q, p.s, p.m)
+
+    @classmethod
+    def of_weight(cls, w: GpuWeight) -> "Mat":
+        return cls(w.qtype, w.N, w.K, w.Kp, w.gshift, w.ptr("q"), w.ptr("s"), w.ptr("m"))
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Where the experts of a launch live: slot table row of one layer + pool, or one dense base."""
+    base: int                  # pool address (routed) or the blob / 0 (dense)
+    stride: int = 0
+    ids: object = None         # [P] int32 expert ids (None: dense, pair p = token p)
+    table: int = 0             # address of the layer's slot-table row [E] int32
+    E: int = 0
+    err: object = None
+
+
+def moe_gateup(src: Experts, gate: Mat, up: Mat, P: int, A: int, x32, prep: XPrep | None,
+               hout, hprep: XPrep | None) -> None:
+    """hout [P, I] = silu(gate x) * up x for every (token, rank) pair; hprep its xprep (or None)."""
+    if (gate.qtype, gate.N, gate.K, gate.Kp) != (up.qtype, up.N, up.K, up.Kp):
+        raise ConfigError("moe_gateup: gate and up must match")
+    if gate.qtype in ("q4", "q8") and (prep is None or prep.KX < gate.Kp):
+        raise ConfigError("moe_gateup: quantized experts need an xprep at least Kp long")
+    if hout.shape[0] < P or hout.shape[1] != gate.N or hout.strides[1] != 4:
+        raise ConfigError(f"moe_gateup: hout must be [>= {P}, {gate.N}] float32")
+    if hprep is not None and hprep.KX < cdiv(gate.N, 32) * 32:
+        raise ConfigError("moe_gateup: hprep too short")
+    launch("gemv", f"moe_gateup_{gate.qtype}", (cdiv(gate.N, 32), P), (512,),
+           (ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
+            u64(gate.q), u64(gate.s), u64(gate.m), u64(up.q), u64(up.s), u64(up.m),
+            i32(gate.N), i32(gate.K), i32(gate.Kp), i32(gate.gshift), i32(A),
+            ptr(x32), i32(gate.K), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
+            i32(0 if prep is None else prep.KX), hout, i32(hout.strides[0] // 4),
+            ptr(hprep and hprep.xh), ptr(hprep and hprep.xs), ptr(hprep and hprep.xc),
+            i32(0 if hprep is None else hprep.KX)))
+
+
+def moe_down(src: Experts, down: Mat, P: int, h32, hprep: XPrep | None, rw, y) -> None:
+    """y [P, D] = rw[p] * (down h[p]) (rw None: weight 1), one row a (token, rank) pair."""
+    if down.qtype in ("q4", "q8") and (hprep is None or hprep.KX < down.Kp):
+        raise ConfigError("moe_down: quantized experts need h's xprep at least Kp long")
+    if down.qtype not in ("q4", "q8") and (h32.shape[1] != down.K or h32.strides[1] != 4):
+        raise ConfigError("moe_down: float experts need h [P, I] float32")
+    if y.shape[0] < P or y.shape[1] != down.N:
+        raise ConfigError(f"moe_down: y must be [>= {P}, {down.N}]")
+    launch("gemv", f"moe_down_{down.qtype}", (cdiv(down.N, 16), P), (256,),
+           (ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
+            u64(down.q), u64(down.s), u64(down.m), i32(down.N), i32(down.K), i32(down.Kp), i32(down.gshift),
+            h32, i32(h32.strides[0] // 4), ptr(hprep and hprep.xh), ptr(hprep and hprep.xs),
+            ptr(hprep and hprep.xc), i32(0 if hprep is None else hprep.KX), ptr(rw), y, i32(y.strides[0] // 4)))
+
+
+# ---- attention and rotary --------------------------------------------------------------------
+
+class AttnWork:
+    """Workspace of split-K decode attention for up to T tokens, H heads, nsplit splits."""
+
+    def __init__(self, T: int, H: int, G: int, dv: int, nsplit: int):
+        tiles = cdiv(T * (H // G), 4 * ATT_WARPS)
+        self.nsplit = nsplit
+        self.m = cupy.empty(nsplit * T * H, dtype=cupy.float32)
+        self.l = cupy.empty(nsplit * T * H, dtype=cupy.float32)
+        self.acc = cupy.empty(nsplit * T * H * dv, dtype=cupy.float32)
+        self.counters = cupy.zeros(tiles * G, dtype=cupy.int32)
+
+
+def attn_splits(T: int, H: int, G: int, S: int) -> int:
+    """Key splits so that a small step still fills the GPU (one split when the rows do)."""
+    blocks = cdiv(T * (H // G), 4 * ATT_WARPS) * G
+    if blocks >= 132 or S <= 64:
+        return 1
+    return max(1, min(cdiv(S, 64), 264 // blocks))
+
+
+def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = None, S: int | None = None):
+    """Causal attention: q [T, H, dq] (any strides, last axis contiguous), k [S, G, dq], v [S, G, dv].
+
+    pos0: int, or a device int32 [1] (graph replays). S (keys the launch may cover) defaults to
+    k.shape[0]. Returns out [T, H, dv] float32.
+    """
+    T, H, dq = q.shape
+    Sk, G, dk = k.shape
+    dv = v.shape[2]
+    if dk != dq or v.shape[:2] != (Sk, G) or H % G:
+        raise ConfigError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
+    if dv > 256:
+        raise ConfigError(f"attention: value head dim {dv} > 256")
+    if q.strides[2] != 4 or q.dtype != cupy.float32:
+        raise ConfigError("attention: q must be float32 with a contiguous last axis")
+    _f32c(k, "attention k")
+    _f32c(v, "attention v")
+    S = Sk if S is None else S
+    if not isinstance(pos0, cupy.ndarray):
+        pos0 = cupy.full((1,), int(pos0), dtype=cupy.int32)
+    nsplit = work.nsplit if work is not None else attn_splits(T, H, G, S)
+    if work is None and nsplit > 1:
+        work = AttnWork(T, H, G, dv, nsplit)
+    chunk = cdiv(cdiv(S, nsplit), 32) * 32
+    out = cupy.empty((T, H, dv), dtype=cupy.float32) if out is None else out
+    tiles = cdiv(T * (H // G), 4 * ATT_WARPS)
+    shared = 4 * (32 * (dq + 1) + 32 * dv + 4 * ATT_WARPS * dq)
+    launch("attn", "attention", (tiles, G, nsplit), (32 * ATT_WARPS,),
+           (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(dq), i32(dv),
+            pos0, f32(scale), i32(chunk), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
+            ptr(work and work.counters)), shared=shared)
+    return out
+
+
+def rope(x, cos, sin, interleaved: bool, pos=None, out=None):
+    """x [T, h, r] (last axis contiguous) rotated by tables cos / sin [P, r/2] (row pos[t] or t)."""
+    T, nh, r = x.shape
+    if x.strides[2] != 4 or x.dtype != cupy.float32 or r % 2:
+        raise ConfigError("rope: x must be float32 [T, h, r] with r even and a contiguous last axis")
+    cos = _f32c(cupy.ascontiguousarray(cos, dtype=cupy.float32), "rope cos")
+    sin = _f32c(cupy.ascontiguousarray(sin, dtype=cupy.float32), "rope sin")
+    if cos.shape[-1] != r // 2 or sin.shape != cos.shape:
+        raise ConfigError(f"rope: tables {cos.shape} do not fit r={r}")
+    out = cupy.empty((T, nh, r), dtype=cupy.float32) if out is None else out
+    launch("attn", "rope_kernel", (T * nh,), (max(32, min(256, cdiv(r // 2, 32) * 32)),),
+           (x, i64(x.strides[0] // 4), i64(x.strides[1] // 4), out, i32(T), i32(nh), i32(r), cos, sin, ptr(pos),
+            i32(bool(interleaved))))
+    return out
+
+
+def qkv_rope_store(q, k, v, H: int, G: int, d: int, cos, sin, pos0, kc, vc) -> None:
+    """Rotate q in place, rotate k, store k and v at rows pos0 + t of kc / vc [P, G, d]."""
+    T = q.shape[0]
+    launch("attn", "qkv_rope_store", (T * (H + 2 * G),), (max(32, min(256, cdiv(d // 2, 32) * 32)),),
+           (q, k, v, i32(T), i32(H), i32(G), i32(d), cos, sin, pos0, kc, vc))
+
+
+def embed(ids, W: GpuWeight, out=None):
+    """out [T, D] f32 = rows ids [T] (int32 on the device) of W, dequantized."""
+    T = ids.shape[0]
+    out = cupy.empty((T, W.K), dtype=cupy.float32) if out is None else out
+    launch("misc", "embed_kernel", (T,), (256,),
+           (ids, i32(W.wt), W.buf, u64(W.ptr("s")), u64(W.ptr("m")), i32(W.K), i32(W.Kp),
+            i32(W.group if W.quantized else 1), out))
+    return out
+
+
+def argmax_advance(logits, V: int, tok, pos, hist=None) -> None:
+    """tok = argmax(logits [V]); hist[pos] = tok; pos += 1 (all device int32)."""
+    launch("misc", "argmax_advance", (1,), (1024,), (logits, i32(V), tok, pos, ptr(hist)))

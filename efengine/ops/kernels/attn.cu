@@ -1,0 +1,189 @@
+// Attention over the KV cache (decode and prefill, causal, GQA) and rotary embeddings.
+// Pasted after common.cuh. Caches are [P, G, d] float32 (model.KVCache's layout).
+
+#define ATT_KT 32      // keys per shared-memory tile (one per lane)
+#define ATT_QW 4       // query rows per warp
+#define ATT_DV 8       // value dims per lane: dv <= 256
+
+// Query rows of kv group g = blockIdx.y are the pairs (t, r), row = t * R + r, head h = g * R + r;
+// a block takes 4 * warps rows (blockIdx.x) and the keys [split * chunk, +chunk) (blockIdx.z).
+// Online softmax over 32-key tiles. With one split the block writes out [T, H, dv]; with more,
+// each block writes its partial (max, sum, acc) to ws_* and the last block of a (tile, group)
+// to finish (atomic counter, reset for the next launch) merges them, so any number of splits
+// stays one launch. pos0 (position of token 0) is read from device memory so a captured graph
+// replays at every position. Query t sees keys 0 .. pos0 + t.
+extern "C" __global__ void __launch_bounds__(128)
+attention(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out,
+          int T, int H, int G, int dq, int dv, const int* pos0p, float scale, int chunk,
+          float* ws_m, float* ws_l, float* ws_acc, int* counters) {
+    extern __shared__ float sm[];
+    __shared__ int is_last;
+    const int R = H / G, nw = blockDim.x >> 5, QT = ATT_QW * nw;
+    const int g = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* Ks = sm;                          // [KT][dq + 1] (odd stride: no bank conflicts)
+    float* Vs = Ks + ATT_KT * (dq + 1);      // [KT][dv]
+    float* Qs = Vs + ATT_KT * dv;            // [QT][dq]
+    const int pos0 = *pos0p;
+    const int nrows = T * R, qi0 = blockIdx.x * QT;
+    for (int e = threadIdx.x; e < QT * dq; e += blockDim.x) {
+        const int row = e / dq, col = e - row * dq, qi = qi0 + row;
+        float val = 0.0f;
+        if (qi < nrows) val = q[(i64)(qi / R) * ldq_t + (i64)(g * R + qi % R) * ldq_h + col];
+        Qs[e] = val;
+    }
+    const int qlast = min(qi0 + QT, nrows) - 1;
+    const int kmax = pos0 + qlast / R + 1;
+    const int kbeg = split * chunk, kend = min(kbeg + chunk, kmax);
+    float m_[ATT_QW], l_[ATT_QW], acc[ATT_QW][ATT_DV];
+#pragma unroll
+    for (int a = 0; a < ATT_QW; ++a) {
+        m_[a] = -INFINITY; l_[a] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < ATT_DV; ++c) acc[a][c] = 0.0f;
+    }
+    for (int kt = kbeg; kt < kend; kt += ATT_KT) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < ATT_KT * dq; e += blockDim.x) {
+            const int j = e / dq, col = e - j * dq, key = kt + j;
+            Ks[j * (dq + 1) + col] = key < kend ? k[((i64)key * G + g) * dq + col] : 0.0f;
+        }
+        for (int e = threadIdx.x; e < ATT_KT * dv; e += blockDim.x) {
+            const int j = e / dv, col = e - j * dv, key = kt + j;
+            Vs[e] = key < kend ? v[((i64)key * G + g) * dv + col] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int a = 0; a < ATT_QW; ++a) {
+            const int row = qi0 + warp * ATT_QW + a;
+            if (row >= nrows) continue;                    // warp-uniform
+            const int t = row / R, key = kt + lane;
+            const float* qr = Qs + (warp * ATT_QW + a) * dq;
+            const float* kr = Ks + lane * (dq + 1);
+            float s = 0.0f;
+            for (int i = 0; i < dq; ++i) s += qr[i] * kr[i];
+            s = s * scale;
+            if (key >= kend || key > pos0 + t) s = -INFINITY;
+            const float mnew = fmaxf(m_[a], warp_max(s));
+            if (mnew == -INFINITY) continue;               // nothing visible yet (warp-uniform)
+            const float alpha = expf(m_[a] - mnew);
+            const float pe = expf(s - mnew);
+            l_[a] = l_[a] * alpha + warp_sum(pe);
+#pragma unroll
+            for (int c = 0; c < ATT_DV; ++c) acc[a][c] *= alpha;
+            for (int j = 0; j < ATT_KT; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, pe, j);
+#pragma unroll
+                for (int c = 0; c < ATT_DV; ++c)
+                    if (lane + 32 * c < dv) acc[a][c] += pj * Vs[j * dv + lane + 32 * c];
+            }
+            m_[a] = mnew;
+        }
+    }
+    const int TH = T * H;
+    if (nsplit == 1) {
+#pragma unroll
+        for (int a = 0; a < ATT_QW; ++a) {
+            const int row = qi0 + warp * ATT_QW + a;
+            if (row >= nrows) continue;
+            const i64 o = ((i64)(row / R) * H + g * R + row % R) * dv;
+#pragma unroll
+            for (int c = 0; c < ATT_DV; ++c)
+                if (lane + 32 * c < dv) out[o + lane + 32 * c] = acc[a][c] / l_[a];
+        }
+        return;
+    }
+#pragma unroll
+    for (int a = 0; a < ATT_QW; ++a) {
+        const int row = qi0 + warp * ATT_QW + a;
+        if (row >= nrows) continue;
+        const i64 idx = (i64)split * TH + (i64)(row / R) * H + g * R + row % R;
+        if (lane == 0) { ws_m[idx] = m_[a]; ws_l[idx] = l_[a]; }
+#pragma unroll
+        for (int c = 0; c < ATT_DV; ++c)
+            if (lane + 32 * c < dv) ws_acc[idx * dv + lane + 32 * c] = acc[a][c];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* ctr = counters + blockIdx.x * gridDim.y + g;
+        const int prev = atomicAdd(ctr, 1);
+        is_last = prev == nsplit - 1;
+        if (is_last) *ctr = 0;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int a = 0; a < ATT_QW; ++a) {
+        const int row = qi0 + warp * ATT_QW + a;
+        if (row >= nrows) continue;
+        const i64 idx0 = (i64)(row / R) * H + g * R + row % R;
+        float M = -INFINITY;
+        for (int s = 0; s < nsplit; ++s) M = fmaxf(M, __ldcg(ws_m + s * TH + idx0));
+        float L = 0.0f;
+        float o[ATT_DV];
+#pragma unroll
+        for (int c = 0; c < ATT_DV; ++c) o[c] = 0.0f;
+        for (int s = 0; s < nsplit; ++s) {
+            const float ms = __ldcg(ws_m + s * TH + idx0);
+            if (ms == -INFINITY) continue;
+            const float f = expf(ms - M);
+            L += __ldcg(ws_l + s * TH + idx0) * f;
+#pragma unroll
+            for (int c = 0; c < ATT_DV; ++c)
+                if (lane + 32 * c < dv) o[c] += __ldcg(ws_acc + (s * TH + idx0) * dv + lane + 32 * c) * f;
+        }
+#pragma unroll
+        for (int c = 0; c < ATT_DV; ++c)
+            if (lane + 32 * c < dv) out[idx0 * dv + lane + 32 * c] = o[c] / L;
+    }
+}
+
+// (a, b) -> (a cos - b sin, b cos + a sin) with numpy's roundings (no fused multiply-add)
+__device__ __forceinline__ void rot(float a, float b, float c, float s, float* ra, float* rb) {
+    *ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    *rb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
+// x [T, nh, r] (strides ldt, ldh; last axis contiguous) -> out [T, nh, r] contiguous.
+// Pair i of token t uses row pos[t] (pos == null: row t) of the tables cos / sin [P, r/2].
+extern "C" __global__ void rope_kernel(const float* x, i64 ldt, i64 ldh, float* out, int T, int nh, int r,
+                                       const float* cos_t, const float* sin_t, const int* pos, int interleaved) {
+    const int t = blockIdx.x / nh, hd = blockIdx.x % nh, half = r / 2;
+    const i64 row = pos ? pos[t] : t;
+    const float* xr = x + t * ldt + hd * ldh;
+    float* orow = out + ((i64)t * nh + hd) * r;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+        float ra, rb;
+        rot(xr[ia], xr[ib], cos_t[row * half + i], sin_t[row * half + i], &ra, &rb);
+        orow[ia] = ra;
+        orow[ib] = rb;
+    }
+}
+
+// Decode / prefill of GQA after the q, k, v projections of T tokens at positions pos0 + t
+// (pos0 in device memory): rotate q [T, H, d] in place (NeoX halves), rotate k and store it and
+// v ([T, G, d]) into the caches kc, vc [P, G, d] at row pos0 + t. Tables [P, d/2].
+extern "C" __global__ void qkv_rope_store(float* q, const float* k, const float* v, int T, int H, int G, int d,
+                                          const float* cos_t, const float* sin_t, const int* pos0p,
+                                          float* kc, float* vc) {
+    const int per = H + 2 * G, t = blockIdx.x / per, j = blockIdx.x % per, half = d / 2;
+    const i64 pos = (i64)(*pos0p) + t;
+    if (j < H + G) {
+        const bool isq = j < H;
+        const int hd = isq ? j : j - H;
+        const float* src = isq ? q + ((i64)t * H + hd) * d : k + ((i64)t * G + hd) * d;
+        float* dst = isq ? q + ((i64)t * H + hd) * d : kc + (pos * G + hd) * d;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float ra, rb;
+            rot(src[i], src[i + half], cos_t[pos * half + i], sin_t[pos * half + i], &ra, &rb);
+            dst[i] = ra;
+            dst[i + half] = rb;
+        }
+    } else {
+        const int hd = j - H - G;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) vc[(pos * G + hd) * d + i] = v[((i64)t * G + hd) * d + i];
+    }
+}

@@ -1,0 +1,105 @@
+// Helpers shared by every efengine kernel. The loader (gpu_kernels.py) pastes this file in
+// front of each .cu source, so sources compile under NVRTC with no include paths. Half
+// precision goes through inline PTX (the same instructions cuda_fp16.h emits) so that no
+// toolkit header is needed on the machine.
+//
+// Weight types (WT): 0 f32, 1 f16, 2 bf16 (raw bits), 4 q4 (affine, codes two a byte, low
+// nibble = even k), 8 q8 (symmetric int8). Quantized rows hold Kp codes (K rounded up to the
+// group), scales s and mins m fp16 [N, Kp/group].
+//
+// Activation prep ("xprep") for quantized weights: x is cut into chunks of 32 values along K;
+// each chunk gets its own power-of-two scale so that its largest value lies in [8, 16), and is
+// stored as fp16 in the order the q4/q8 decoders produce codes: within every 8 values
+// [x0 x4 x1 x5 x2 x6 x3 x7]. xs = sum of the (scaled, fp16-rounded) chunk, xc = 1 / scale.
+// The bound keeps every fp16 partial sum of 16 products far below fp16's 65504.
+#define WT_F32 0
+#define WT_F16 1
+#define WT_BF16 2
+#define WT_Q4 4
+#define WT_Q8 8
+
+#ifndef INFINITY                 // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+typedef long long i64;
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+    u32 d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ float h2f(u16 a) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(a));
+    return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// the two halves of a packed pair, summed in float32
+__device__ __forceinline__ float h2sum(u32 a) {
+    return h2f((u16)(a & 0xFFFFu)) + h2f((u16)(a >> 16));
+}
+__device__ __forceinline__ float bf2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+// 16 bytes of weights that are read exactly once: do not let them evict activations from L1
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint4 ld_nc4(const void* p) { return __ldg((const uint4*)p); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// block-wide sum / max; `red` is shared scratch of 32 floats; every thread gets the result
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    float r = lane < nw ? red[lane] : 0.f;
+    return warp_sum(r);
+}
+
+// silu(g) * u exactly as the numpy reference writes it: g / (1 + exp(-g)) * u
+__device__ __forceinline__ float silu_mul1(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+__device__ __forceinline__ float sigmoid1(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// One stored element of a weight matrix, dequantized the way efengine/quant.py does it
+// (q * s, then + m: two roundings, no fused multiply-add, so results match numpy bit for bit).
+__device__ __forceinline__ float deq_elem(int wt, const u8* q, const u16* s, const u16* m,
+                                          i64 row, int k, int K, int Kp, int group) {
+    if (wt == WT_F32) return ((const float*)q)[row * K + k];
+    if (wt == WT_F16) return h2f(((const u16*)q)[row * K + k]);
+    if (wt == WT_BF16) return bf2f(((const u16*)q)[row * K + k]);
+    const int G = Kp / group;
+    const float sc = h2f(s[row * G + k / group]);
+    if (wt == WT_Q8) return __fmul_rn((float)((const signed char*)q)[row * Kp + k], sc);
+    const u8 b = q[row * (Kp >> 1) + (k >> 1)];
+    const float code = (float)((k & 1) ? (b >> 4) : (b & 15));
+    return __fadd_rn(__fmul_rn(code, sc), h2f(m[row * G + k / group]));
+}

@@ -1,0 +1,196 @@
+// Row dot products shared by the GEMV, router and MoE kernels (pasted after common.cuh).
+//
+// A warp computes RW weight rows at once against T tokens; lane l takes K-chunks l, l+32, ...
+// (a chunk is 32 codes: 16 bytes of q4, 32 of q8; 8 values of a float type), U chunks per
+// loop trip so that RW*U 16-byte loads are in flight per lane before the first is used.
+// Quantized rows: codes are turned into fp16 (exact), multiplied with the fp16 activations
+// in half2 pairs (8 products per partial sum), partial sums go to fp32 and the group scale
+// and min are applied in fp32:
+//   q4: w = s*q + m = s*(q-8) + (m+8s)   ->  chunk = s*sum((q-8)x) + (m+8s)*sum(x)
+//   q8: w = s*q                           ->  chunk = s*sum(q x)
+// Centring q4 codes keeps the fp16 partial sums small (better rounding, no cancellation).
+
+// 32 q4 codes -> 16 half2 of (code - 8), pairs (k0,k4) (k1,k5) (k2,k6) (k3,k7) of each 8
+__device__ __forceinline__ void q4_decode(const uint4 w, u32 p[16]) {
+    const u32 MAGIC = 0x64006400u;        // 1024.0 in both halves: OR-ing a code into the mantissa
+    const u32 LOW_BIAS = 0x64086408u;     // 1032 = 1024 + 8
+    const u32 SIXTEENTH = 0x2C002C00u;    // 1/16: a high nibble lands as 1024 + 16 q
+    const u32 HIGH_BIAS = 0xD480D480u;    // -72 = -(1024/16 + 8)
+    const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 a = ws[j], b = a >> 8;
+        p[4 * j + 0] = hsub2((a & 0x000F000Fu) | MAGIC, LOW_BIAS);
+        p[4 * j + 1] = hfma2((a & 0x00F000F0u) | MAGIC, SIXTEENTH, HIGH_BIAS);
+        p[4 * j + 2] = hsub2((b & 0x000F000Fu) | MAGIC, LOW_BIAS);
+        p[4 * j + 3] = hfma2((b & 0x00F000F0u) | MAGIC, SIXTEENTH, HIGH_BIAS);
+    }
+}
+
+// 32 int8 codes (two 16-byte loads) -> 16 half2 in the same pair order
+__device__ __forceinline__ void q8_decode(const uint4 a, const uint4 b, u32 p[16]) {
+    const u32 M = 0x64646464u;            // high bytes of fp16 1024.0
+    const u32 BIAS = 0x64806480u;         // 1152 = 1024 + 128 (codes are stored xor 0x80 below)
+    const u32 ws[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 w0 = ws[2 * j] ^ 0x80808080u, w1 = ws[2 * j + 1] ^ 0x80808080u;   // q + 128
+        const u32 lo = __byte_perm(w0, w1, 0x5140);   // bytes k0 k4 k1 k5
+        const u32 hi = __byte_perm(w0, w1, 0x7362);   // bytes k2 k6 k3 k7
+        p[4 * j + 0] = hsub2(__byte_perm(lo, M, 0x4140), BIAS);
+        p[4 * j + 1] = hsub2(__byte_perm(lo, M, 0x4342), BIAS);
+        p[4 * j + 2] = hsub2(__byte_perm(hi, M, 0x4140), BIAS);
+        p[4 * j + 3] = hsub2(__byte_perm(hi, M, 0x4342), BIAS);
+    }
+}
+
+// sum over one chunk of decoded codes times the prepared fp16 activations
+__device__ __forceinline__ float dot_chunk(const u32 p[16], const u16* xchunk) {
+    const uint4* xv = (const uint4*)xchunk;
+    u32 a0 = 0u, a1 = 0u;
+#pragma unroll
+    for (int j = 0; j < 4; j += 2) {
+        const uint4 x = ld_nc4(xv + j), y = ld_nc4(xv + j + 1);
+        a0 = hfma2(p[4 * j + 0], x.x, a0); a0 = hfma2(p[4 * j + 1], x.y, a0);
+        a0 = hfma2(p[4 * j + 2], x.z, a0); a0 = hfma2(p[4 * j + 3], x.w, a0);
+        a1 = hfma2(p[4 * j + 4], y.x, a1); a1 = hfma2(p[4 * j + 5], y.y, a1);
+        a1 = hfma2(p[4 * j + 6], y.z, a1); a1 = hfma2(p[4 * j + 7], y.w, a1);
+    }
+    return h2sum(a0) + h2sum(a1);
+}
+
+__device__ __forceinline__ void unpack8(int wt, const uint4 a, const uint4 b, float f[8]) {
+    if (wt == WT_F32) {
+        f[0] = __uint_as_float(a.x); f[1] = __uint_as_float(a.y); f[2] = __uint_as_float(a.z); f[3] = __uint_as_float(a.w);
+        f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y); f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
+    } else {
+        const u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (wt == WT_F16) { f[2 * j] = h2f((u16)(w[j] & 0xFFFFu)); f[2 * j + 1] = h2f((u16)(w[j] >> 16)); }
+            else { f[2 * j] = __uint_as_float(w[j] << 16); f[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u); }
+        }
+    }
+}
+
+// acc[r][t] += (this lane's share of) row r . x of token t.
+// Quantized WT read xh/xs/xc (KX values a token); float WT read x32 (ldx a token).
+template <int WT, int T, int RW, int U>
+__device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* const sr[RW], const u16* const mr[RW],
+                                         const int K, const int Kp, const int gshift,
+                                         const float* __restrict__ x32, const int ldx,
+                                         const u16* __restrict__ xh, const float* __restrict__ xs,
+                                         const float* __restrict__ xc, const int KX, float acc[RW][T]) {
+    const int lane = threadIdx.x & 31;
+    if (WT == WT_Q4 || WT == WT_Q8) {
+        constexpr int CB = WT == WT_Q4 ? 16 : 32;      // bytes of one chunk
+        constexpr int NL = CB / 16;                    // 16-byte loads per chunk
+        const int nc = Kp >> 5, ncx = KX >> 5;
+        for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+            uint4 w[U][RW][NL];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c < nc) {
+#pragma unroll
+                    for (int r = 0; r < RW; ++r)
+#pragma unroll
+                        for (int j = 0; j < NL; ++j) w[u][r][j] = ld_stream(qr[r] + (i64)c * CB + 16 * j);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c < nc) {
+                    const int g = c >> gshift;
+#pragma unroll
+                    for (int r = 0; r < RW; ++r) {
+                        u32 p[16];
+                        if (WT == WT_Q4) q4_decode(w[u][r][0], p);
+                        else q8_decode(w[u][r][0], w[u][r][NL - 1], p);
+                        const float sc = h2f(__ldg(sr[r] + g));
+                        const float mc = WT == WT_Q4 ? h2f(__ldg(mr[r] + g)) + 8.0f * sc : 0.0f;
+#pragma unroll
+                        for (int t = 0; t < T; ++t) {
+                            const float d = dot_chunk(p, xh + (i64)t * KX + (c << 5));
+                            const float part = WT == WT_Q4 ? sc * d + mc * __ldg(xs + t * ncx + c) : sc * d;
+                            acc[r][t] += part * __ldg(xc + t * ncx + c);
+                        }
+                    }
+                }
+            }
+        }
+    } else if ((K & 7) == 0) {
+        constexpr int NL = WT == WT_F32 ? 2 : 1;
+        constexpr int ES = WT == WT_F32 ? 4 : 2;
+        const int n8 = K >> 3;
+        for (int c0 = lane; c0 < n8; c0 += 32 * U) {
+            uint4 w[U][RW][NL];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c < n8) {
+#pragma unroll
+                    for (int r = 0; r < RW; ++r)
+#pragma unroll
+                        for (int j = 0; j < NL; ++j) w[u][r][j] = ld_stream(qr[r] + (i64)c * 8 * ES + 16 * j);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c < n8) {
+                    float f[RW][8];
+#pragma unroll
+                    for (int r = 0; r < RW; ++r) unpack8(WT, w[u][r][0], w[u][r][NL - 1], f[r]);
+#pragma unroll
+                    for (int t = 0; t < T; ++t) {
+                        const float4 xa = __ldg((const float4*)(x32 + (i64)t * ldx + 8 * c));
+                        const float4 xb = __ldg((const float4*)(x32 + (i64)t * ldx + 8 * c + 4));
+#pragma unroll
+                        for (int r = 0; r < RW; ++r) {
+                            float s = acc[r][t];
+                            s += f[r][0] * xa.x; s += f[r][1] * xa.y; s += f[r][2] * xa.z; s += f[r][3] * xa.w;
+                            s += f[r][4] * xb.x; s += f[r][5] * xb.y; s += f[r][6] * xb.z; s += f[r][7] * xb.w;
+                            acc[r][t] = s;
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        // K not a multiple of 8 (tiny test models): one element at a time
+        for (int k = lane; k < K; k += 32) {
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                float wv;
+                if (WT == WT_F32) wv = ((const float*)qr[r])[k];
+                else if (WT == WT_F16) wv = h2f(((const u16*)qr[r])[k]);
+                else wv = bf2f(((const u16*)qr[r])[k]);
+#pragma unroll
+                for (int t = 0; t < T; ++t) acc[r][t] += wv * x32[(i64)t * ldx + k];
+            }
+        }
+    }
+}
+
+// bytes of one stored row
+__device__ __forceinline__ i64 row_bytes(int wt, int K, int Kp) {
+    return wt == WT_Q4 ? (i64)(Kp >> 1) : wt == WT_Q8 ? (i64)Kp : wt == WT_F32 ? 4ll * K : 2ll * K;
+}
+
+// pointers of RW consecutive rows from row0 (clamped to the last row; callers skip the writes)
+template <int RW>
+__device__ __forceinline__ void row_ptrs(int wt, const u8* q, const u16* s, const u16* m, int row0, int N,
+                                         int K, int Kp, int gshift,
+                                         const u8* qr[RW], const u16* sr[RW], const u16* mr[RW]) {
+    const i64 rb = row_bytes(wt, K, Kp);
+    const int G = wt >= WT_Q4 ? (Kp >> (gshift + 5)) : 0;
+#pragma unroll
+    for (int r = 0; r < RW; ++r) {
+        const int row = min(row0 + r, N - 1);
+        qr[r] = q + row * rb;
+        sr[r] = s + (i64)row * G;
+        mr[r] = m + (i64)row * G;
+    }
+}
