@@ -64,8 +64,12 @@ def build_checkpoint(folder: Path, gb: float, seed: int = 0) -> tuple[Path, int]
         n = int(np.prod(shape))
         if len(shape) == 1:
             return quant.f32_to_bf16(1 + rng.standard_normal(n, dtype=np.float32) * 0.02)
-        start = int(rng.integers(0, pool.size))
-        return np.resize(np.roll(pool, -start), n)       # a shifted, repeated slice of the pool
+        pos, pieces = int(rng.integers(0, pool.size)), []
+        while n > 0:                                      # shifted slices of the pool, no copies
+            pieces.append(pool[pos:pos + n])
+            n -= pieces[-1].size
+            pos = 0
+        return pieces
 
     shards, cur, size = [], [], 0
     for name, shape in tensors.items():

@@ -160,6 +160,7 @@ class Encoder:
             rows, cols = src.rows_cols
             group = self.group if qtype in quant.QUANT_TYPES else quant.DEFAULT_GROUP
             views = quant.views(dst, qtype, (rows, cols), group)
+            self.ckpt.advise(src.name, src.row0, src.row0 + rows)   # read ahead while the last job runs
             step = max(1, READ_ELEMS // cols)
             for r0 in range(0, rows, step):
                 f = self.pool.submit(self._chunk, src, qtype, group, views, r0, min(rows, r0 + step))

@@ -99,6 +99,17 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: cannot read tensor {name} ({e.strerror})") from None
         return out
 
+    def advise(self, name: str, r0: int, r1: int) -> None:
+        """Ask the kernel to start reading rows r0..r1 now (they are needed next)."""
+        dtype, shape, off = self.entries[name]
+        row = (shape[-1] if shape else 1) * np.dtype(DTYPES.get(dtype, np.uint8)).itemsize
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            os.posix_fadvise(self._fd, off + r0 * row, (r1 - r0) * row, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass                  # only a hint
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -216,6 +227,9 @@ class Checkpoint:
     def read_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
         return self.where[name].read_rows(name, r0, r1)
 
+    def advise(self, name: str, r0: int, r1: int) -> None:
+        self.where[name].advise(name, r0, r1)
+
     def aux_files(self) -> dict[str, Path]:
         """Tokenizer, chat template and generation files present in the folder."""
         return {n: self.folder / n for n in AUX_FILES if (self.folder / n).is_file()}
@@ -278,7 +292,8 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
 def save_safetensors(path, specs: dict, produce: Callable[[str], np.ndarray],
                      metadata: dict | None = None) -> Path:
     """Write a .safetensors file tensor by tensor: specs name -> (dtype, shape), produce(name) ->
-    the raw values (bf16 as uint16). Used by the benchmark and by tests that need odd files."""
+    the raw values (bf16 as uint16), or a list of consecutive pieces of them (to bound memory).
+    Used by the benchmark and by tests that need odd files."""
     header, off = {}, 0
     for name, (dtype, shape) in specs.items():
         nb = int(np.prod(shape, dtype=np.int64)) * (np.dtype(DTYPES[dtype]).itemsize if dtype in DTYPES
@@ -293,10 +308,14 @@ def save_safetensors(path, specs: dict, produce: Callable[[str], np.ndarray],
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for name, (dtype, shape) in specs.items():
-            data = np.ascontiguousarray(produce(name)).reshape(-1).view(np.uint8)
-            if data.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
-                raise ValueError(f"{name}: produced {data.nbytes} bytes for {dtype} {list(shape)}")
-            f.write(memoryview(data))
+            data = produce(name)
+            n = 0
+            for chunk in (data if isinstance(data, (list, tuple)) else [data]):
+                chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+                f.write(memoryview(chunk))
+                n += chunk.nbytes
+            if n != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                raise ValueError(f"{name}: produced {n} bytes for {dtype} {list(shape)}")
     return Path(path)
 
 

@@ -147,6 +147,9 @@ class Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True) if not self.path.parent.exists() else None
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
         self._tmp = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fd, 0o666 & ~umask)      # mkstemp makes 0600; the model file is an ordinary file
         self._f = os.fdopen(fd, "r+b")
         self._f.truncate(self.total)
         self._pending = set(self.tensors) | {("file", n) for n in self.files}
