@@ -181,7 +181,8 @@ class Engine:
 
     def _load_tokenizer(self) -> None:
         """A model without a tokenizer still scores token ids (logits); text calls then fail clearly."""
-        self._tok_error = None
+        self._tok_error = self._template_error = None
+        self._sample_limit = None
         try:
             self._tokenizer = Tokenizer.from_ef(self.ef)
         except EfError as e:
@@ -189,13 +190,13 @@ class Engine:
             self.template = None
             return
         t = self._tokenizer
-        self.template = ChatTemplate(t.chat_template, bos_token=t.bos_token, eos_token=t.eos_token,
-                                     where=str(self.path))
-        if t.vocab_size > self.config.vocab_size:
-            # ids the embedding cannot look up: a mismatched tokenizer would fail mid-generation
-            self._tokenizer = None
-            self._tok_error = EfError(f"{self.path}: tokenizer has {t.vocab_size} ids but the model only "
-                                      f"{self.config.vocab_size}; the embedded tokenizer does not belong to it")
+        try:
+            self.template = ChatTemplate(t.chat_template, bos_token=t.bos_token, eos_token=t.eos_token,
+                                         where=str(self.path))
+        except EfError as e:      # a broken template fails chat calls only, not generate
+            self.template, self._template_error = None, e
+        # Embedding rows past the tokenizer's vocabulary (padding) have no text: never sample them.
+        self._sample_limit = t.vocab_size if t.vocab_size < self.config.vocab_size else None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -214,6 +215,8 @@ class Engine:
     def render_chat(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
         """The prompt text a chat call feeds the model."""
         self.tokenizer   # raises when there is no tokenizer
+        if self.template is None:
+            raise self._template_error
         return self.template.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     # ---- generation -----------------------------------------------------------------------------
@@ -236,7 +239,7 @@ class Engine:
         text = self.render_chat(messages, **(template_kwargs or {}))
         # HF tokenizes a rendered template without adding special tokens (the template writes
         # them); the ChatML fallback has none, so the model's own BOS rule applies to it.
-        ids = self.tokenizer.encode(text, add_special=self.template.is_fallback)
+        ids = self._check_ids(self.tokenizer.encode(text, add_special=self.template.is_fallback))
         return self._run(ids, params, self.template.stop_strings)
 
     def _params(self, sampling: dict) -> SamplingParams:
@@ -250,7 +253,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise EfError("the prompt is empty; give some text to continue")
-            ids = self.tokenizer.encode(prompt)
+            ids = self._check_ids(self.tokenizer.encode(prompt))
         else:
             ids = self._check_ids(prompt)
         if not ids:
@@ -293,6 +296,8 @@ class Engine:
         st.prefill_s = time.perf_counter() - t0
         while True:
             t0 = time.perf_counter()
+            if self._sample_limit is not None:
+                logits[self._sample_limit:] = -np.inf
             nxt = sampler.next_token(logits, history)
             st.decode_s += time.perf_counter() - t0
             if nxt in tok.stop_ids and not params.ignore_eos:

@@ -123,7 +123,7 @@ class _SPBackend:
         for i in ids:
             if i in self.special_ids:
                 if not skip_special:
-                    out.append(self.sp.decode(run)), out.append(self.sp.id_to_piece(i))
+                    out += [self.sp.decode(run), self.sp.id_to_piece(i)]
                     run = []
             else:
                 run.append(i)

@@ -203,6 +203,21 @@ def test_model_without_tokenizer(tmp_path):
             eng.generate("Hi")
 
 
+def test_padded_vocabulary_and_broken_template(tmp_path):
+    """A tokenizer smaller than the embedding: padded ids are never sampled. A template that does
+    not compile fails chat calls only."""
+    path = build_tiny_ef(tmp_path, "mixtral", tokenizer_vocab=120, template_text="{% for %}")
+    with Engine(path, device="cpu") as eng:
+        n = eng.tokenizer.vocab_size
+        assert eng.config.vocab_size == 128 and n <= 120
+        for seed in range(3):                 # temperature 50: nearly uniform, padded ids would show
+            eng.generate("Hello", max_tokens=60, temperature=50.0, seed=seed, ignore_eos=True)
+            assert len(eng.last_tokens) == 60 and max(eng.last_tokens) < n
+        assert eng.logits([120, 127]).shape == (2, 128)      # scoring still sees every id
+        with pytest.raises(FormatError, match="chat template does not compile"):
+            eng.chat(USER)
+
+
 def test_sampling_defaults_from_generation_config():
     assert sampling_defaults(None) == {}
     assert sampling_defaults(b'{"do_sample": false, "repetition_penalty": 1.1}') == \
