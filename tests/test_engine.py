@@ -58,6 +58,19 @@ def test_stream_pieces_make_the_text(eng):
     assert all(p for p in pieces)
 
 
+def test_a_new_call_ends_an_unfinished_stream(eng):
+    kw = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    want = eng.generate("Hello", **kw)
+    first = eng.stream("Hello", **kw)
+    next(first)
+    assert eng.generate("Hello", **kw) == want             # the cache was not corrupted by `first`
+    assert list(first) == []                                 # `first` was ended
+    half = eng.stream("Hello", **kw)
+    next(half)
+    eng.reset()
+    assert eng.stats.prompt_tokens == 0 and list(half) == []
+
+
 def test_stats(eng):
     eng.reset()
     eng.generate("Hello world", max_tokens=7, temperature=0, ignore_eos=True)
