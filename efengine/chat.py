@@ -119,7 +119,8 @@ class ChatTemplate:
             try:
                 self._compiled[text] = environment().from_string(text)
             except jinja2.TemplateSyntaxError as e:
-                raise FormatError(f"{self.where}: chat template does not compile (line {e.lineno}: {e.message})") from None
+                raise FormatError(f"{self.where}: chat template does not compile "
+                                  f"(line {e.lineno}: {e.message})") from None
         return self._compiled[text]
 
     def render(self, messages, *, add_generation_prompt: bool = True, tools=None, documents=None,

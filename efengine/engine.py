@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -270,7 +270,8 @@ class Engine:
             raise EfError("token ids must be a flat list of integers")
         V = self.config.vocab_size
         if arr.size and (arr.min() < 0 or arr.max() >= V):
-            raise EfError(f"token id {int(arr.min() if arr.min() < 0 else arr.max())} is outside the vocabulary 0..{V - 1}")
+            bad = int(arr.min() if arr.min() < 0 else arr.max())
+            raise EfError(f"token id {bad} is outside the vocabulary 0..{V - 1}")
         return [int(i) for i in arr]
 
     def _check_fits(self, n: int) -> None:

@@ -16,7 +16,7 @@ import pytest
 from efengine.chat import FALLBACK_TEMPLATE, ChatTemplate
 from efengine.errors import EfError, FormatError
 from efengine.tokenizer import Tokenizer
-from tiny_tokenizer import CHATML, LLAMA2, tiny_tokenizer_json, tokenizer_config, write_tiny_tokenizer
+from tiny_tokenizer import LLAMA2, tiny_tokenizer_json, tokenizer_config, write_tiny_tokenizer
 
 TEXTS = ["Hello world", " Hello", "  two  spaces  ", "trailing ", "   ", "a   b    c     d", "\n\nx",
          "a\nb\tc", "tab\t\tend\n", "\t \t  \n  \n", "héllo 😀 日本語", "🦙🦙 emoji\u200d zwj 👩‍💻",
@@ -50,8 +50,8 @@ def mistral(tmp_path_factory):
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in d["model"]["merges"]]
     merges.sort(key=lambda ab: (-sp.get_score(vocab[ab[0] + ab[1]]), vocab[ab[0] + ab[1]]))
     d["model"]["merges"] = [list(m) for m in merges]
-    d["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
-                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    d["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
     d["pre_tokenizer"] = None
     tj = json.dumps(d).encode()
     from tokenizers import Tokenizer as HFTokenizer
