@@ -123,4 +123,6 @@ def _reply(eng, messages, kw) -> str | None:
     s = eng.stats
     _say(f"[{s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s; prompt {s.prompt_tokens} tokens "
          f"({s.cached_tokens} cached), {s.prefill_tps:.1f} tok/s]")
+    if s.stop_reason == "context":
+        _say(f"(the context of {eng.n_ctx} tokens is full: /reset starts over, or restart with a larger --ctx)")
     return "".join(pieces)

@@ -201,6 +201,13 @@ def test_read_message_continuations_and_blocks():
         read_message(reader(['"""', "unfinished"]))
 
 
+def test_chat_from_a_pipe_and_a_full_context(model, capsys, monkeypatch):
+    rc, out, err = run(["chat", model, "--ctx", "40", "-n", "1000", "--ignore-eos", "--temp", "0"], capsys,
+                       stdin="hello\nagain\n/exit\n", monkeypatch=monkeypatch)
+    assert rc == 0 and err.count("context of 40 tokens is full") == 1
+    assert "error:" in err and "has" in err and "/reset starts over" in err   # the second turn no longer fits
+
+
 # ---- launchers and the interactive chat (subprocesses) -------------------------------------------
 
 def test_launcher_works_without_install(model, tmp_path):
