@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -229,8 +230,10 @@ def progress_bar(total: int, enabled: bool | None, desc: str):
     from tqdm import tqdm
     if enabled is None:
         enabled = sys.stderr.isatty()
+    # a pty that reports a 0x0 size (e.g. under `script`) makes tqdm hide the bar: use a fallback size
+    size = shutil.get_terminal_size((100, 20))
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)
+                file=sys.stderr, ncols=size.columns, nrows=size.lines)
 
 
 def write_guard(out: Path, run: Callable[[], Path], need: Callable[[], int]) -> Path:

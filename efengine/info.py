@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 from .errors import EfError
@@ -88,10 +89,12 @@ def print_summary(s: dict, out=None) -> None:
 def verify(ef: EfFile, progress: bool | None = None) -> list[str]:
     from tqdm import tqdm
     total = sum(t.nbytes for t in ef.tensors.values()) + sum(f["nbytes"] for f in ef.files.values())
-    total += len(ef.expert_layers) * (ef.n_experts if ef.expert_layers else 0) * (ef.blob_nbytes if ef.expert_layers else 0)
+    if ef.expert_layers:
+        total += len(ef.expert_layers) * ef.n_experts * ef.blob_nbytes
     enabled = sys.stderr.isatty() if progress is None else progress
+    size = shutil.get_terminal_size((100, 20))       # a 0x0 pty would hide the bar
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not enabled,
-              file=sys.stderr) as bar:
+              file=sys.stderr, ncols=size.columns, nrows=size.lines) as bar:
         return ef.verify(progress=bar.update)
 
 
