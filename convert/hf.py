@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +59,14 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries = {name: self._check(name, e) for name, e in header.items()}
         self._fd = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> int:
+        """The file descriptor, opened once (reads from several threads share it with pread)."""
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
 
     def _check(self, name: str, e) -> tuple[str, tuple, int]:
         """(dtype, shape, absolute offset) of a header entry, or a CheckpointError."""
@@ -87,11 +96,9 @@ class SafetensorsFile:
         want = out.nbytes
         pos = off + r0 * cols * out.itemsize
         try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            mv, got = memoryview(out.reshape(-1).view(np.uint8)), 0
+            fd, mv, got = self._open(), memoryview(out.reshape(-1).view(np.uint8)), 0
             while got < want:
-                n = os.preadv(self._fd, [mv[got:]], pos + got)
+                n = os.preadv(fd, [mv[got:]], pos + got)
                 if n <= 0:
                     raise CheckpointError(f"{self.path}: truncated while reading tensor {name}")
                 got += n
@@ -104,16 +111,15 @@ class SafetensorsFile:
         dtype, shape, off = self.entries[name]
         row = (shape[-1] if shape else 1) * np.dtype(DTYPES.get(dtype, np.uint8)).itemsize
         try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            os.posix_fadvise(self._fd, off + r0 * row, (r1 - r0) * row, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._open(), off + r0 * row, (r1 - r0) * row, os.POSIX_FADV_WILLNEED)
         except (OSError, AttributeError):
             pass                  # only a hint
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def read_json(path: Path, what: str, error=CheckpointError) -> dict:
