@@ -289,7 +289,8 @@ def _write(ckpt: Checkpoint, out: Path, prec: dict, group: int, dense_plan, expe
         w.plan_experts(cfg.moe_layers, cfg.n_experts, _specs(cfg, prec, group))
     for n, data in files.items():
         w.plan_file(n, len(data))
-    total_in = sum(ckpt.nbytes(n) for n in ckpt.names)
+    total_in = sum(_in_bytes(ckpt, s) for _, _, s in dense_plan)
+    total_in += sum(_in_bytes(ckpt, s) for layer in expert_plan for parts in layer for s in parts.values())
 
     def run() -> Path:
         enc = Encoder(ckpt, group, threads)
@@ -298,7 +299,7 @@ def _write(ckpt: Checkpoint, out: Path, prec: dict, group: int, dense_plan, expe
                 w.begin()
                 for canon, cls, s in dense_plan:
                     buf = np.empty(w.tensors[canon]["nbytes"], np.uint8)
-                    enc.submit([(s, prec[cls], cls, buf)], _then(w.write_tensor, canon, buf, bar, _in_bytes(ckpt, s)))
+                    enc.submit([(s, prec[cls], cls, buf)], _then(w.write_tensor, (canon, buf), bar, _in_bytes(ckpt, s)))
                 _write_experts(w, enc, expert_plan, prec[EXPERTS], bar)
                 enc.flush()
                 for n, data in files.items():
@@ -314,9 +315,10 @@ def _in_bytes(ckpt: Checkpoint, s: Source) -> int:
     return int(np.prod(s.shape)) * np.dtype(DTYPES[ckpt.dtype(s.name)]).itemsize
 
 
-def _then(write: Callable, key, buf: np.ndarray, bar, nbytes: int) -> Callable[[], None]:
+def _then(write: Callable, args: tuple, bar, nbytes: int) -> Callable[[], None]:
+    """The callback that writes a finished job (binds its arguments now, not at call time)."""
     def done() -> None:
-        write(*key, buf) if isinstance(key, tuple) else write(key, buf)
+        write(*args)
         bar.update(nbytes)
     return done
 
@@ -335,5 +337,5 @@ def _write_experts(w: Writer, enc: Encoder, expert_plan, qtype: str, bar) -> Non
             blob = blobs[k % 2]
             pieces = [(parts[p], qtype, EXPERTS, blob[t.offset:t.offset + t.nbytes]) for p, t in lay.items()]
             n_in = sum(_in_bytes(enc.ckpt, s) for s in parts.values())
-            enc.submit(pieces, _then(w.write_expert, (i, e), blob, bar, n_in))
+            enc.submit(pieces, _then(w.write_expert, (i, e, blob), bar, n_in))
             k += 1
