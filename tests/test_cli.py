@@ -127,6 +127,12 @@ def test_delegated_commands(model, capsys, name):
     elif name == "info":                                     # its own tests cover the rest
         rc, out, _ = run(["info", model, "--json"], capsys)
         assert rc == 0 and json.loads(out)
+    else:                                                    # arguments reach the module untouched
+        try:
+            rc = cli.main([name, "--help"])
+        except SystemExit as e:
+            rc = e.code
+        assert rc in (0, None) and f"efengine {name}" in capsys.readouterr().out
 
 
 def test_chat_without_model(capsys):
