@@ -9,6 +9,7 @@ pools and one expert blob. A byte-level tokenizer with exactly the shape's vocab
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 import efmodels
 from efengine import __version__, quant
 from efengine.errors import ConfigError
-from efengine.format import Writer, expert_layout
+from efengine.format import Writer, crc32, expert_layout
 from efmodels.base import EXPERTS, NORM
 
 from .convert import check_output, precisions, progress_bar, write_guard
@@ -107,9 +108,10 @@ class Pools:
             "norm.w": (1.0 + gauss).view(np.uint8),
         }
 
-    def fill(self, dst: np.ndarray, qtype: str, shape, group: int, norm: bool = False) -> None:
+    def fill(self, dst: np.ndarray, qtype: str, shape, group: int, norm: bool = False,
+             start: int | None = None) -> None:
         """Fill one stored tensor region (uint8) with pool slices from one random start."""
-        start = int(self.rng.integers(0, POOL))
+        start = int(self.rng.integers(0, POOL)) if start is None else start
         for part, v in quant.views(dst, qtype, shape, group).items():
             pool = self.pools["norm.w" if norm else f"{qtype}.{part}"]
             item = v.itemsize
@@ -169,13 +171,26 @@ def write_random(shape: str, out, experts: str = "q4", dense: str = "q8", embed:
 
 
 def _random_experts(w: Writer, pools: Pools, specs: dict, bar) -> None:
+    """Blobs are filled and checksummed on a helper thread while the previous one is written
+    (numpy copies and zlib.crc32 release the GIL), so the disk stays busy."""
     if not w.experts:
         return
     lay, nbytes = expert_layout(specs)
-    blob = np.zeros(nbytes, np.uint8)
-    for i in range(len(w.experts["layers"])):
-        for e in range(w.experts["count"]):
-            for p, t in lay.items():
-                pools.fill(blob[t.offset:t.offset + t.nbytes], t.type, t.shape, t.group)
-            w.write_expert(i, e, blob)
+    blobs = [np.zeros(nbytes, np.uint8) for _ in range(2)]
+    starts = [[int(pools.rng.integers(0, POOL)) for _ in lay] for _ in range(len(w.experts["layers"]) * w.experts["count"])]
+
+    def make(k: int) -> str:
+        blob = blobs[k % 2]
+        for (p, t), start in zip(lay.items(), starts[k]):
+            pools.fill(blob[t.offset:t.offset + t.nbytes], t.type, t.shape, t.group, start=start)
+        return crc32(blob)
+
+    count = w.experts["count"]
+    with ThreadPoolExecutor(1) as helper:
+        nxt = helper.submit(make, 0)
+        for k in range(len(starts)):
+            crc = nxt.result()
+            if k + 1 < len(starts):
+                nxt = helper.submit(make, k + 1)      # fills the other blob while this one is written
+            w.write_expert(k // count, k % count, blobs[k % 2], crc=crc)
             bar.update(nbytes)

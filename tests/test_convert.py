@@ -236,6 +236,8 @@ def test_random_full_size_shape_truncated(tmp_path):
     assert efconvert_main(["--random", "olmoe-1b-7b", str(out), "--layers", "1", "--experts", "q4", "--dense", "q4"]) == 0
     ef = check_random(out, 50304)
     assert ef.config.n_layers == 1 and ef.n_experts == 64 and ef.expert_layout["gate"].shape == (1024, 2048)
+    ef.close()
+    out.unlink()                         # 0.4 GB: do not leave it in pytest's kept temp folders
 
 
 @pytest.mark.parametrize("experts,dense", [("q8", "f16"), ("bf16", "f32")])
