@@ -187,13 +187,15 @@ def test_rows_prep(rng):
     g = rng.standard_normal(R).astype(np.float32)
     nw = rng.uniform(0.5, 1.5, K).astype(np.float32)
     hd = cp.asarray(h)
+    hout = cp.full((R, K), np.nan, dtype=cp.float32)
     x32 = cp.full((R, K), np.nan, dtype=cp.float32)
     prep = ops.XPrep(R, K, KX)
     prep.xh.fill(0xFFFF)
     ops.rows_prep(hd, K, ybuf=cp.asarray(yb), A=A, add2=cp.asarray(a2), add2_gate=cp.asarray(g),
-                  nw=cp.asarray(nw), eps=1e-5, x32=x32, prep=prep)
+                  nw=cp.asarray(nw), eps=1e-5, x32=x32, prep=prep, hout=hout)
     href, xref = gpu_ref.rows_prep_ref(h, yb, a2, g, nw, 1e-5)
-    assert rel(href, cp.asnumpy(hd)) < 1e-6
+    assert rel(href, cp.asnumpy(hout)) < 1e-6
+    np.testing.assert_array_equal(cp.asnumpy(hd), h)          # the input is not written
     assert rel(xref, cp.asnumpy(x32)) < 1e-6
     xh, xs, xc = gpu_ref.prep_ref(cp.asnumpy(x32), KX)
     np.testing.assert_array_equal(cp.asnumpy(prep.xh).view(np.float16), xh)
@@ -254,7 +256,8 @@ def test_router_kernel(rng, qtype):
     ops.router(W, 3, xd, prep, cfg, ids, w, logits=lg, extra=Xw, extra_out=ex)
     ref_lg = x.astype(np.float64) @ wf.T
     assert rel(ref_lg, cp.asnumpy(lg)) < (TOL_Q if W.quantized else TOL_F32)
-    assert rel(x @ xwf.T, cp.asnumpy(ex)[:, None]) < (TOL_Q if W.quantized else TOL_F32)
+    # three numbers only: a looser bound than the 60-logit one above
+    assert rel(x @ xwf.T, cp.asnumpy(ex)[:, None]) < (2 * TOL_Q if W.quantized else TOL_F32)
     rids, rw = NB.route(cp.asnumpy(lg), cfg)        # routing of the logits the kernel computed
     np.testing.assert_array_equal(cp.asnumpy(ids), rids)
     np.testing.assert_allclose(cp.asnumpy(w), rw, rtol=2e-6)
@@ -333,6 +336,16 @@ def test_expert_ffn_and_combine(rng, T):
     y = rng.standard_normal((T, 3, 96)).astype(np.float32)
     w = rng.standard_normal((T, 3)).astype(np.float32)
     np.testing.assert_array_equal(cp.asnumpy(B.moe_combine(cp.asarray(y), cp.asarray(w))), NB.moe_combine(y, w))
+
+
+@gpu
+def test_to_f16_rows(rng):
+    x = rng.standard_normal((4, 300)).astype(np.float32) * np.array([[1e-4], [1.0], [1e3], [0.0]], np.float32)
+    x16, inv = ops.to_f16_rows(cp.asarray(x))
+    back = cp.asnumpy(x16).astype(np.float64) * cp.asnumpy(inv)[:, None]
+    assert rel(x, back) < 1e-3 and np.all(back[3] == 0)
+    amax = np.abs(cp.asnumpy(x16).astype(np.float32)).max(axis=1)
+    assert np.all((amax[:3] >= 8) & (amax[:3] <= 16))
 
 
 # ---- attention and rotary ------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class DecodeGraph:
         self.tok = cupy.zeros(1, dtype=cupy.int32)
         self.pos = cupy.zeros(1, dtype=cupy.int32)
         self.hist = cupy.zeros(P + 1, dtype=cupy.int32)
-        self.h = cupy.zeros((1, D), dtype=f32)
+        self.hb = [cupy.zeros((1, D), dtype=f32), cupy.zeros((1, D), dtype=f32)]   # residual, ping-pong
         self.x32 = cupy.zeros((1, D), dtype=f32)
         self.q = cupy.zeros((1, H * d), dtype=f32)
         self.k = cupy.zeros((1, G * d), dtype=f32)
@@ -73,7 +73,7 @@ class DecodeGraph:
             bias = [w.get(n + ".bias") for n in ("attn_q", "attn_k", "attn_v")]
             L["qkv"] = ops.gemv_desc([(W, y, b, False) for W, y, b in zip(qkv, (self.q, self.k, self.v), bias)])
             L["qkv_w"] = qkv
-            L["o_desc"] = ops.gemv_desc([(w["attn_output"], self.h, w.get("attn_output.bias"), True)])
+            L["o_desc"] = [ops.gemv_desc([(w["attn_output"], h, w.get("attn_output.bias"), True)]) for h in self.hb]
             mats += qkv
             if L["moe"]:
                 mats.append(w["ffn_gate_inp"])
@@ -130,12 +130,13 @@ class DecodeGraph:
 
     def _step(self) -> None:
         cfg, m = self.cfg, self.model
-        D, H, G, d, eps = cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        ops.embed(self.tok, m.tok_embd, out=self.h)
+        H, G, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        ops.embed(self.tok, m.tok_embd, out=self.hb[0])
+        self.cur = 0
         pend = {}
         for l, L in enumerate(self.layers):
             w = L["w"]
-            ops.rows_prep(self.h, D, nw=w["attn_norm"], eps=eps, x32=self.x32, prep=self.prepD, **pend)
+            self._norm(w["attn_norm"], pend)
             ops.gemv_launch(L["qkv"], L["qkv_w"], 1, self.x32, self.prepD)
             ops.qkv_rope_store(self.q, self.k, self.v, H, G, d, self.cos, self.sin, self.pos,
                                self.cache.k[l], self.cache.v[l])
@@ -145,12 +146,22 @@ class DecodeGraph:
             Wo = w["attn_output"]
             if Wo.quantized:
                 ops.rows_prep(o2, H * d, prep=self.prepO)
-            ops.gemv_launch(L["o_desc"], [Wo], 1, o2, self.prepO if Wo.quantized else None)
-            ops.rows_prep(self.h, D, nw=w["ffn_norm"], eps=eps, x32=self.x32, prep=self.prepD)
+            ops.gemv_launch(L["o_desc"][self.cur], [Wo], 1, o2, self.prepO if Wo.quantized else None)
+            self._norm(w["ffn_norm"], {})
             pend = self._moe(l, w) if L["moe"] else self._dense(w)
-        ops.rows_prep(self.h, D, nw=m.out_norm, eps=eps, x32=self.x32, prep=self.prepD, **pend)
+        self._norm(m.out_norm, pend)
         ops.gemv_launch(self.lm_desc, [m.lm_head], 1, self.x32, self.prepD)
         ops.argmax_advance(self.logits, cfg.vocab_size, self.tok, self.pos, self.hist)
+
+    def _norm(self, nw, pend: dict) -> None:
+        """Residual update by the pending FFN outputs (into the other buffer), RMSNorm, xprep."""
+        cfg, h = self.cfg, self.hb[self.cur]
+        if pend:
+            ops.rows_prep(h, cfg.hidden_size, nw=nw, eps=cfg.rms_norm_eps, x32=self.x32, prep=self.prepD,
+                          hout=self.hb[1 - self.cur], **pend)
+            self.cur = 1 - self.cur
+        else:
+            ops.rows_prep(h, cfg.hidden_size, nw=nw, eps=cfg.rms_norm_eps, x32=self.x32, prep=self.prepD)
 
     def _dense(self, w) -> dict:
         self._dense_ffn(w["ffn_gate"], w["ffn_up"], w["ffn_down"])

@@ -22,7 +22,7 @@ except ImportError:          # importable without CuPy; only launching needs it
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 MODULES = {
-    "gemv": ("common.cuh", "dot.cuh", "gemv.cu"),
+    "gemv": ("common.cuh", "dot.cuh", "stream.cuh", "gemv.cu"),
     "attn": ("common.cuh", "attn.cu"),
     "misc": ("common.cuh", "misc.cu"),
 }
@@ -61,6 +61,23 @@ def launch(module: str, name: str, grid, block, args, shared: int = 0) -> None:
     if shared > 48 * 1024 and k.max_dynamic_shared_size_bytes < shared:
         k.max_dynamic_shared_size_bytes = shared
     k(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args), shared_mem=int(shared))
+
+
+_resident: dict[tuple[str, str, int], int] = {}
+
+
+def resident_blocks(module: str, name: str, threads: int) -> int:
+    """How many blocks of `threads` the whole GPU holds at once (by registers): the size of a
+    persistent grid."""
+    key = (module, name, threads)
+    n = _resident.get(key)
+    if n is None:
+        k = kernel(module, name)
+        regs = max(1, (int(k.num_regs) + 7) // 8 * 8)
+        per_sm = max(1, min(2048 // threads, 65536 // (regs * threads)))
+        sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        n = _resident[key] = per_sm * sms
+    return n
 
 
 def i32(v) -> np.int32:

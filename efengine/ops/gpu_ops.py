@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .gpu_kernels import addr, cdiv, cupy, f32, i32, i64, launch, ptr, u64
+from .gpu_kernels import addr, cdiv, cupy, f32, i32, i64, launch, ptr, resident_blocks, u64
 from .gpu_weights import GpuWeight, PartPlace
 
 GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
@@ -41,11 +41,12 @@ class XPrep:
         self.xh = cupy.zeros((R, KX), dtype=cupy.uint16)
         self.xs = cupy.zeros((R, KX // 32), dtype=cupy.float32)
         self.xc = cupy.ones((R, KX // 32), dtype=cupy.float32)
+        self.cnt = cupy.zeros((R, KX // 32), dtype=cupy.int32)   # chunk completion (moe_gateup)
 
     def rows(self, r0: int, r1: int) -> "XPrep":
         v = XPrep.__new__(XPrep)
         v.R, v.K, v.KX = r1 - r0, self.K, self.KX
-        v.xh, v.xs, v.xc = self.xh[r0:r1], self.xs[r0:r1], self.xc[r0:r1]
+        v.xh, v.xs, v.xc, v.cnt = self.xh[r0:r1], self.xs[r0:r1], self.xc[r0:r1], self.cnt[r0:r1]
         return v
 
 
@@ -54,17 +55,22 @@ def prep_len(K: int, *weights) -> int:
 
 
 def rows_prep(h, K: int, *, ybuf=None, A: int = 0, add2=None, add2_gate=None, nw=None, eps: float = 0.0,
-              x32=None, prep: XPrep | None = None) -> None:
-    """h [R, >=K] f32 rows: residual update, optional RMSNorm into x32 [R, K], optional xprep."""
+              x32=None, prep: XPrep | None = None, hout=None) -> None:
+    """h [R, >=K] f32 rows: residual update into hout (a different buffer of h's shape), optional
+    RMSNorm into x32 [R, K], optional xprep of the result."""
     if h.ndim != 2 or h.strides[1] != 4 or h.dtype != cupy.float32:
         raise ConfigError("rows_prep: h must be float32 [R, ld] with contiguous rows")
     R, ldh = h.shape[0], h.strides[0] // 4
+    if (ybuf is not None or add2 is not None) and (hout is None or hout.shape != h.shape or hout.strides != h.strides
+                                                    or addr(hout) == addr(h)):
+        raise ConfigError("rows_prep: a residual update needs hout, another buffer shaped like h")
     if nw is not None and (x32 is None or x32.shape != (R, K)):
         raise ConfigError("rows_prep: RMSNorm needs x32 [R, K]")
     if prep is not None and (prep.R != R or prep.K != K):
         raise ConfigError(f"rows_prep: prep is for {prep.R} x {prep.K}, got {R} x {K}")
-    launch("gemv", "rows_prep", (R,), (256,),
-           (h, i32(ldh), i32(K), ptr(ybuf), i32(A), ptr(add2), ptr(add2_gate), ptr(nw), f32(eps), ptr(x32),
+    chunks = max(cdiv(K, 32), 0 if prep is None else prep.KX // 32)
+    launch("gemv", "rows_prep", (R, cdiv(chunks, 8)), (256,),
+           (h, ptr(hout), i32(ldh), i32(K), ptr(ybuf), i32(A), ptr(add2), ptr(add2_gate), ptr(nw), f32(eps), ptr(x32),
             ptr(None if prep is None else prep.xh), ptr(None if prep is None else prep.xs),
             ptr(None if prep is None else prep.xc), i32(0 if prep is None else prep.KX)))
 
@@ -99,10 +105,13 @@ def gemv_launch(desc, weights: list, T: int, x32, prep: XPrep | None) -> None:
             raise ConfigError(f"gemv: float weights need contiguous float32 x [T, {W.K}]")
         xh = xs = xc = None
         KX, ldx = 0, W.K
-    rows = 8 * GEMV_RW[T]
-    nmax = max(w.N for w in weights)
-    launch("gemv", f"gemv_{W.qtype}_t{T}", (cdiv(nmax, rows), len(weights)), (256,),
-           (desc, i32(W.K), i32(W.Kp), i32(W.gshift), ptr(x32), i32(ldx), ptr(xh), ptr(xs), ptr(xc), i32(KX)))
+    rw = GEMV_RW[T]
+    ntasks = sum(cdiv(w.N, rw) for w in weights)
+    name = f"gemv_{W.qtype}_t{T}"
+    grid = min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256))
+    launch("gemv", name, (grid,), (256,),
+           (desc, i32(len(weights)), i32(ntasks), i32(W.K), i32(W.Kp), i32(W.gshift), ptr(x32), i32(ldx), ptr(xh),
+            ptr(xs), ptr(xc), i32(KX)))
 
 
 def token_chunks(T: int):
@@ -132,19 +141,26 @@ def linear_small(x, W: GpuWeight):
 
 # ---- prefill: dequantize + cuBLAS -------------------------------------------------------------
 
+_unscale = None
+
+
 def to_f16_rows(x):
-    """x [T, K] f32 -> (fp16 rows scaled by powers of two so |max| lies in [8, 16), 1/scale [T, 1])."""
-    amax = cupy.abs(x).max(axis=1)
-    _, e = cupy.frexp(amax)
-    ok = (amax > 0) & cupy.isfinite(amax)
-    inv = cupy.where(ok, cupy.ldexp(cupy.float32(1), e - 4), cupy.float32(1)).astype(cupy.float32)
-    return (x / inv[:, None]).astype(cupy.float16), inv[:, None]
+    """x [T, K] f32 -> (fp16 rows scaled by powers of two so |max| lies in [8, 16), 1/scale [T])."""
+    x = _f32c(cupy.ascontiguousarray(x), "prefill x")
+    T, K = x.shape
+    out = cupy.empty((T, K), dtype=cupy.float16)
+    inv = cupy.empty(T, dtype=cupy.float32)
+    launch("gemv", "rows_to_f16", (T,), (256,), (x, i32(K), out, inv))
+    return out, inv
 
 
 def matmul_f16(x, w16):
     """y [T, N] f32 = x [T, K] f32 @ w16 [N, K].T with fp16 operands and fp32 accumulation."""
+    global _unscale
+    if _unscale is None:
+        _unscale = cupy.ElementwiseKernel("float16 y, float32 s", "float32 z", "z = (float)y * s", "efengine_unscale")
     x16, inv = to_f16_rows(x)
-    return cupy.matmul(x16, w16.T).astype(cupy.float32) * inv
+    return _unscale(cupy.matmul(x16, w16.T), inv[:, None])
 
 
 # ---- routing ---------------------------------------------------------------------------------
@@ -232,16 +248,18 @@ def moe_gateup(src: Experts, gate: Mat, up: Mat, P: int, A: int, x32, prep: XPre
         raise ConfigError("moe_gateup: quantized experts need an xprep at least Kp long")
     if hout.shape[0] < P or hout.shape[1] != gate.N or hout.strides[1] != 4:
         raise ConfigError(f"moe_gateup: hout must be [>= {P}, {gate.N}] float32")
-    if hprep is not None and hprep.KX < cdiv(gate.N, 32) * 32:
+    if hprep is not None and (hprep.KX < cdiv(gate.N, 32) * 32 or hprep.R < P):
         raise ConfigError("moe_gateup: hprep too short")
-    launch("gemv", f"moe_gateup_{gate.qtype}", (cdiv(gate.N, 32), P), (512,),
-           (ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
+    name = f"moe_gateup_{gate.qtype}"
+    ntasks = P * cdiv(gate.N, 2)
+    launch("gemv", name, (min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256)),), (256,),
+           (i32(ntasks), ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
             u64(gate.q), u64(gate.s), u64(gate.m), u64(up.q), u64(up.s), u64(up.m),
             i32(gate.N), i32(gate.K), i32(gate.Kp), i32(gate.gshift), i32(A),
             ptr(x32), i32(gate.K), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
             i32(0 if prep is None else prep.KX), hout, i32(hout.strides[0] // 4),
             ptr(hprep and hprep.xh), ptr(hprep and hprep.xs), ptr(hprep and hprep.xc),
-            i32(0 if hprep is None else hprep.KX)))
+            i32(0 if hprep is None else hprep.KX), ptr(hprep and hprep.cnt)))
 
 
 def moe_down(src: Experts, down: Mat, P: int, h32, hprep: XPrep | None, rw, y) -> None:
@@ -252,8 +270,10 @@ def moe_down(src: Experts, down: Mat, P: int, h32, hprep: XPrep | None, rw, y) -
         raise ConfigError("moe_down: float experts need h [P, I] float32")
     if y.shape[0] < P or y.shape[1] != down.N:
         raise ConfigError(f"moe_down: y must be [>= {P}, {down.N}]")
-    launch("gemv", f"moe_down_{down.qtype}", (cdiv(down.N, 16), P), (256,),
-           (ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
+    name = f"moe_down_{down.qtype}"
+    ntasks = P * cdiv(down.N, 2)
+    launch("gemv", name, (min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256)),), (256,),
+           (i32(ntasks), ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
             u64(down.q), u64(down.s), u64(down.m), i32(down.N), i32(down.K), i32(down.Kp), i32(down.gshift),
             h32, i32(h32.strides[0] // 4), ptr(hprep and hprep.xh), ptr(hprep and hprep.xs),
             ptr(hprep and hprep.xc), i32(0 if hprep is None else hprep.KX), ptr(rw), y, i32(y.strides[0] // 4)))

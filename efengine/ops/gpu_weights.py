@@ -12,7 +12,7 @@ PoolExperts    the ExpertProvider that serves every expert from a fully resident
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -137,9 +137,16 @@ class ExpertHandle:
     base: int
     layout: ExpertLayout
     keep: object = None
+    _views: dict = field(default_factory=dict, repr=False)
 
     def weight(self, part: str) -> GpuWeight:
         """gate / up / down as a GpuWeight view of the blob."""
+        w = self._views.get(part)
+        if w is None:
+            w = self._views[part] = self._view(part)
+        return w
+
+    def _view(self, part: str) -> GpuWeight:
         p = self.layout.parts[part]
         n = quant.nbytes(p.qtype, p.shape, p.group)      # the part's region starts with q
         mem = cupy.cuda.UnownedMemory(self.base + p.q, n, self.keep)

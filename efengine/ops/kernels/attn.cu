@@ -26,11 +26,10 @@ attention(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, 
     float* Qs = Vs + ATT_KT * dv;            // [QT][dq]
     const int pos0 = *pos0p;
     const int nrows = T * R, qi0 = blockIdx.x * QT;
-    for (int e = threadIdx.x; e < QT * dq; e += blockDim.x) {
-        const int row = e / dq, col = e - row * dq, qi = qi0 + row;
-        float val = 0.0f;
-        if (qi < nrows) val = q[(i64)(qi / R) * ldq_t + (i64)(g * R + qi % R) * ldq_h + col];
-        Qs[e] = val;
+    for (int row = warp; row < QT; row += nw) {
+        const int qi = qi0 + row;
+        const float* src = q + (i64)(qi / R) * ldq_t + (i64)(g * R + qi % R) * ldq_h;
+        for (int col = lane; col < dq; col += 32) Qs[row * dq + col] = qi < nrows ? src[col] : 0.0f;
     }
     const int qlast = min(qi0 + QT, nrows) - 1;
     const int kmax = pos0 + qlast / R + 1;
@@ -44,13 +43,12 @@ attention(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, 
     }
     for (int kt = kbeg; kt < kend; kt += ATT_KT) {
         __syncthreads();
-        for (int e = threadIdx.x; e < ATT_KT * dq; e += blockDim.x) {
-            const int j = e / dq, col = e - j * dq, key = kt + j;
-            Ks[j * (dq + 1) + col] = key < kend ? k[((i64)key * G + g) * dq + col] : 0.0f;
-        }
-        for (int e = threadIdx.x; e < ATT_KT * dv; e += blockDim.x) {
-            const int j = e / dv, col = e - j * dv, key = kt + j;
-            Vs[e] = key < kend ? v[((i64)key * G + g) * dv + col] : 0.0f;
+        for (int j = warp; j < ATT_KT; j += nw) {
+            const int key = kt + j;
+            const float* ks = k + ((i64)key * G + g) * dq;
+            const float* vs = v + ((i64)key * G + g) * dv;
+            for (int col = lane; col < dq; col += 32) Ks[j * (dq + 1) + col] = key < kend ? ks[col] : 0.0f;
+            for (int col = lane; col < dv; col += 32) Vs[j * dv + col] = key < kend ? vs[col] : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -60,9 +58,14 @@ attention(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, 
             const int t = row / R, key = kt + lane;
             const float* qr = Qs + (warp * ATT_QW + a) * dq;
             const float* kr = Ks + lane * (dq + 1);
-            float s = 0.0f;
-            for (int i = 0; i < dq; ++i) s += qr[i] * kr[i];
-            s = s * scale;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;   // four chains: latency, not one
+            int i = 0;
+            for (; i + 3 < dq; i += 4) {
+                s0 += qr[i] * kr[i]; s1 += qr[i + 1] * kr[i + 1];
+                s2 += qr[i + 2] * kr[i + 2]; s3 += qr[i + 3] * kr[i + 3];
+            }
+            for (; i < dq; ++i) s0 += qr[i] * kr[i];
+            float s = ((s0 + s1) + (s2 + s3)) * scale;
             if (key >= kend || key > pos0 + t) s = -INFINITY;
             const float mnew = fmaxf(m_[a], warp_max(s));
             if (mnew == -INFINITY) continue;               // nothing visible yet (warp-uniform)

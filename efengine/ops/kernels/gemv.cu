@@ -23,110 +23,158 @@ __device__ __forceinline__ void prep_chunk(float v, u16* xh_chunk, float* xs_c, 
     }
 }
 
-// One block per row r of h [R, ldh] (K values used), in order:
-//  1. residual update (when ybuf or add2): h += ((ybuf[r,0] + ... + ybuf[r,A-1]) + sigmoid(g[r]) * add2[r])
-//     (rank order, as NumpyBackend.moe_combine then `out + shared`; ybuf rows are already weighted)
-//  2. RMSNorm (when nw): x32[r] = nw * (h * (1 / sqrt(mean(h^2) + eps)))
-//  3. xprep (when xh) of x32[r] (normed) or h[r] (not normed): xh [R, KX], xs / xc [R, KX/32]
+// h[r, k] after the residual update: hin + ((ybuf[r,0,k] + ... + ybuf[r,A-1,k]) + g * add2[r,k])
+// (rank order, as NumpyBackend.moe_combine then `out + shared`; ybuf rows are already weighted)
+__device__ __forceinline__ float updated(const float* hr, int k, int K, int r, const float* ybuf, int A,
+                                         const float* add2, bool gated, float gsc) {
+    float v = hr[k];
+    if (ybuf == nullptr && add2 == nullptr) return v;
+    float acc = 0.0f;
+    if (ybuf) {
+        const float* yb = ybuf + (i64)r * A * K + k;
+        acc = yb[0];
+        for (int a = 1; a < A; ++a) acc = acc + yb[(i64)a * K];
+    }
+    if (add2) {
+        const float s2 = gated ? gsc * add2[(i64)r * K + k] : add2[(i64)r * K + k];
+        acc = ybuf ? acc + s2 : s2;
+    }
+    return v + acc;
+}
+
+// Grid (R rows, chunk blocks): warp w of block b owns chunk c = 8 b + w (values 32c .. 32c+31).
+//  1. residual update (ybuf / add2): hout[r] = updated hin[r] (hin and hout must differ: other
+//     blocks still read hin)
+//  2. RMSNorm (nw): x32[r] = nw * (h * (1 / sqrt(mean(h^2) + eps))); every block sums the whole
+//     row itself (it is small and in L2), so no grid-wide synchronization is needed
+//  3. xprep (xh) of the normed (or plain) row: xh [R, KX], xs / xc [R, KX/32]
 extern "C" __global__ void __launch_bounds__(256)
-rows_prep(float* h, int ldh, int K, const float* ybuf, int A, const float* add2, const float* add2_gate,
-          const float* nw, float eps, float* x32, u16* xh, float* xs, float* xc, int KX) {
+rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int A, const float* add2,
+          const float* add2_gate, const float* nw, float eps, float* x32, u16* xh, float* xs, float* xc, int KX) {
     __shared__ float red[32];
     const int r = blockIdx.x;
-    float* hr = h + (i64)r * ldh;
-    const bool upd = ybuf != nullptr || add2 != nullptr;
-    if (upd || nw != nullptr) {
-        const float gsc = add2_gate ? sigmoid1(add2_gate[r]) : 1.0f;
+    const float* hr = hin + (i64)r * ldh;
+    const bool gated = add2_gate != nullptr;
+    const float gsc = gated ? sigmoid1(add2_gate[r]) : 1.0f;
+    float inv = 1.0f;
+    if (nw) {
         float ss = 0.0f;
         for (int k = threadIdx.x; k < K; k += blockDim.x) {
-            float v = hr[k];
-            if (upd) {
-                float acc = 0.0f;
-                if (ybuf) {
-                    const float* yb = ybuf + (i64)r * A * K + k;
-                    acc = yb[0];
-                    for (int a = 1; a < A; ++a) acc = acc + yb[(i64)a * K];
-                }
-                if (add2) {
-                    const float s2 = add2_gate ? gsc * add2[(i64)r * K + k] : add2[(i64)r * K + k];
-                    acc = ybuf ? acc + s2 : s2;
-                }
-                v = v + acc;
-                hr[k] = v;
-            }
+            const float v = updated(hr, k, K, r, ybuf, A, add2, gated, gsc);
             ss += v * v;
         }
+        ss = block_sum(ss, red);
+        inv = 1.0f / sqrtf(ss / (float)K + eps);
+    }
+    const int c = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int k = (c << 5) + lane;
+    float v = 0.0f;
+    if (k < K) {
+        v = updated(hr, k, K, r, ybuf, A, add2, gated, gsc);
+        if (ybuf || add2) hout[(i64)r * ldh + k] = v;
         if (nw) {
-            ss = block_sum(ss, red);
-            const float inv = 1.0f / sqrtf(ss / (float)K + eps);
-            float* xr = x32 + (i64)r * K;
-            for (int k = threadIdx.x; k < K; k += blockDim.x) xr[k] = nw[k] * (hr[k] * inv);
+            v = nw[k] * (v * inv);
+            x32[(i64)r * K + k] = v;
         }
     }
-    if (xh == nullptr) return;
-    __syncthreads();      // the prep reads values other threads of this block wrote
-    const float* src = nw ? x32 + (i64)r * K : hr;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    const int ncx = KX >> 5;
-    for (int c = warp; c < ncx; c += nwarps) {
-        const int k = (c << 5) + lane;
-        const float v = k < K ? src[k] : 0.0f;
+    if (xh != nullptr && (c << 5) < KX) {
+        const int ncx = KX >> 5;
         prep_chunk(v, xh + (i64)r * KX + (c << 5), xs + (i64)r * ncx + c, xc + (i64)r * ncx + c);
     }
 }
 
+// x [R, K] f32 -> fp16 rows scaled by a power of two (largest |x| in [8, 16)), inv[r] = 1/scale:
+// the operands of the prefill GEMMs (no fp16 overflow whatever the activations' range)
+extern "C" __global__ void __launch_bounds__(256)
+rows_to_f16(const float* x, int K, u16* out, float* inv) {
+    __shared__ float red[32];
+    const int r = blockIdx.x;
+    const float* xr = x + (i64)r * K;
+    float amax = 0.0f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(xr[k]));
+    amax = warp_max(amax);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = (threadIdx.x & 31) < (blockDim.x >> 5) ? red[threadIdx.x & 31] : 0.0f;
+    amax = warp_max(amax);
+    int e = 0;
+    frexpf(amax, &e);
+    const bool ok = amax > 0.0f && amax <= 3.0e38f;
+    const float scale = ok ? ldexpf(1.0f, PREP_TARGET_EXP - e) : 1.0f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) out[(i64)r * K + k] = f2h(xr[k] * scale);
+    if (threadIdx.x == 0) inv[r] = ok ? ldexpf(1.0f, e - PREP_TARGET_EXP) : 1.0f;
+}
+
 // ---- dense GEMV: y[t, n] (+)= W[n, :] . x[t, :] (+ bias[n]) for several matrices at once -------
-// desc: 8 u64 per matrix (blockIdx.y): q, s, m, y, bias (0 = none), N, ldy, flags (1 = add into y).
-// All matrices of one launch share the weight type, K, Kp and group. 8 warps a block, RW rows a warp.
-template <int WT, int T, int RW, int U>
-__device__ __forceinline__ void gemv_body(const u64* __restrict__ desc, int K, int Kp, int gshift,
-                                          const float* x32, int ldx, const u16* xh, const float* xs,
-                                          const float* xc, int KX) {
-    const u64* d = desc + 8 * blockIdx.y;
-    const int N = (int)d[5];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * RW;
-    if (row0 >= N) return;
-    const u8* qr[RW]; const u16* sr[RW]; const u16* mr[RW];
-    row_ptrs<RW>(WT, (const u8*)d[0], (const u16*)d[1], (const u16*)d[2], row0, N, K, Kp, gshift, qr, sr, mr);
-    float acc[RW][T];
+// desc: 8 u64 per matrix: q, s, m, y, bias (0 = none), N, ldy, flags (1 = add into y). All
+// matrices of one launch share the weight type, K, Kp and group. Tasks: RW rows of a matrix,
+// matrix after matrix (ntasks = sum of ceil(N / RW)); persistent grid (stream.cuh).
+template <int RW, int T>
+struct GemvF {
+    const u64* desc;
+    int nmat, wt, K, Kp, gshift, KX;
+    const float* x32;
+    const u16* xh;
+    const float* xs;
+    const float* xc;
+
+    __device__ __forceinline__ const u64* locate(int task, int* row0) const {
+        int m = 0, t = task;
+        for (; m < nmat - 1; ++m) {
+            const int n = ((int)__ldg(desc + 8 * m + 5) + RW - 1) / RW;
+            if (t < n) break;
+            t -= n;
+        }
+        *row0 = t * RW;
+        return desc + 8 * m;
+    }
+    __device__ __forceinline__ void rows(int task, Rows<RW>& r) const {
+        int row0;
+        const u64* d = locate(task, &row0);
+        row_ptrs<RW>(wt, (const u8*)__ldg(d), (const u16*)__ldg(d + 1), (const u16*)__ldg(d + 2), row0,
+                     (int)__ldg(d + 5), K, Kp, gshift, r.q, r.s, r.m);
+        r.x32 = x32; r.xh = xh; r.xs = xs; r.xc = xc; r.ok = true;
+    }
+    __device__ __forceinline__ void done(int task, const Rows<RW>& r, float (&acc)[RW][T]) const {
+        int row0;
+        const u64* d = locate(task, &row0);
+        float* y = (float*)__ldg(d + 3);
+        const float* bias = (const float*)__ldg(d + 4);
+        const int N = (int)__ldg(d + 5), ldy = (int)__ldg(d + 6);
+        const bool add = (__ldg(d + 7) & 1ull) != 0ull;
 #pragma unroll
-    for (int r = 0; r < RW; ++r)
+        for (int i = 0; i < RW; ++i) {
 #pragma unroll
-        for (int t = 0; t < T; ++t) acc[r][t] = 0.0f;
-    dot_rows<WT, T, RW, U>(qr, sr, mr, K, Kp, gshift, x32, ldx, xh, xs, xc, KX, acc);
-    float* y = (float*)d[3];
-    const float* bias = (const float*)d[4];
-    const int ldy = (int)d[6];
-    const bool add = (d[7] & 1ull) != 0ull;
-#pragma unroll
-    for (int r = 0; r < RW; ++r) {
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-            float v = warp_sum(acc[r][t]);
-            const int row = row0 + r;
-            if (lane == 0 && row < N) {
-                if (bias) v = v + bias[row];
-                float* o = y + (i64)t * ldy + row;
-                *o = add ? *o + v : v;
+            for (int t = 0; t < T; ++t) {
+                float v = warp_sum(acc[i][t]);
+                const int row = row0 + i;
+                if ((threadIdx.x & 31) == 0 && row < N) {
+                    if (bias) v = v + bias[row];
+                    float* o = y + (i64)t * ldy + row;
+                    *o = add ? *o + v : v;
+                }
             }
         }
     }
-}
+};
 
-#define GEMV_ARGS const u64* desc, int K, int Kp, int gshift, const float* x32, int ldx, const u16* xh, \
-                  const float* xs, const float* xc, int KX
+#define GEMV_ARGS const u64* desc, int nmat, int ntasks, int K, int Kp, int gshift, const float* x32, int ldx, \
+                  const u16* xh, const float* xs, const float* xc, int KX
 #define GEMV_INST(NAME, WT, T, RW, U) \
     extern "C" __global__ void __launch_bounds__(256) NAME(GEMV_ARGS) { \
-        gemv_body<WT, T, RW, U>(desc, K, Kp, gshift, x32, ldx, xh, xs, xc, KX); }
-#define GEMV_ALL_T(WTN, WT) \
-    GEMV_INST(gemv_##WTN##_t1, WT, 1, 2, 4) GEMV_INST(gemv_##WTN##_t2, WT, 2, 2, 2) \
+        GemvF<RW, T> f; \
+        f.desc = desc; f.nmat = nmat; f.wt = WT; f.K = K; f.Kp = Kp; f.gshift = gshift; f.KX = KX; \
+        f.x32 = x32; f.xh = xh; f.xs = xs; f.xc = xc; \
+        run_tasks<WT, T, RW, U>(f, ntasks, K, Kp, gshift, ldx, KX); }
+#define GEMV_ALL_T(WTN, WT, U1) \
+    GEMV_INST(gemv_##WTN##_t1, WT, 1, 2, U1) GEMV_INST(gemv_##WTN##_t2, WT, 2, 2, 1) \
     GEMV_INST(gemv_##WTN##_t4, WT, 4, 2, 1) GEMV_INST(gemv_##WTN##_t8, WT, 8, 1, 1)
-GEMV_ALL_T(f32, WT_F32)
-GEMV_ALL_T(f16, WT_F16)
-GEMV_ALL_T(bf16, WT_BF16)
-GEMV_ALL_T(q4, WT_Q4)
-GEMV_ALL_T(q8, WT_Q8)
+GEMV_ALL_T(f32, WT_F32, 1)
+GEMV_ALL_T(f16, WT_F16, 2)
+GEMV_ALL_T(bf16, WT_BF16, 2)
+GEMV_ALL_T(q4, WT_Q4, 2)
+GEMV_ALL_T(q8, WT_Q8, 1)
 
 // ---- routing -------------------------------------------------------------------------------
 #define ROUTE_PER_LANE 16      // up to 512 experts
@@ -292,121 +340,130 @@ ROUTER_INST(q4, WT_Q4)
 ROUTER_INST(q8, WT_Q8)
 
 // ---- mixture of experts ----------------------------------------------------------------------
-// Pair p = blockIdx.y is (token t = p / A, rank a = p % A). Its expert e = ids[p] lives in
-// slot table[e] of the pool: the expert's blob starts at pool + slot * stride, and a part's
-// q / s / m at the given byte offsets inside the blob. Nothing about routing goes through the
-// host. With ids == null the "expert" is dense: pool = 0 and the offsets are absolute
-// addresses (shared experts, or one expert's tokens in expert_ffn: then A = 1).
+// Pair p is (token t = p / A, rank a = p % A). Its expert e = ids[p] lives in slot table[e] of
+// the pool: the expert's blob starts at pool + slot * stride, and a part's q / s / m at the
+// given byte offsets inside the blob. Nothing about routing goes through the host. With
+// ids == null the "expert" is dense: pool = its base (or 0 with absolute offsets), pair p is
+// token p (shared experts, or one expert's tokens in expert_ffn: then A = 1).
 // A slot < 0 or an id outside 0..E-1 sets *err and yields zeros.
 __device__ __forceinline__ bool expert_base(const int* ids, const int* table, int E, int* err, int p,
                                             const u8* pool, i64 stride, const u8** base) {
-    if (ids == nullptr) { *base = pool; return true; }
-    const int e = ids[p];
-    const int slot = (e >= 0 && e < E) ? table[e] : -1;
+    *base = pool;
+    if (ids == nullptr) return true;
+    const int e = __ldg(ids + p);
+    const int slot = (e >= 0 && e < E) ? __ldg(table + e) : -1;
     if (slot < 0) {
-        if (err && threadIdx.x == 0) atomicOr(err, 1);
+        if (err && (threadIdx.x & 31) == 0) atomicOr(err, 1);
         return false;
     }
     *base = pool + (i64)slot * stride;
     return true;
 }
 
-// h[p, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t), plus h's xprep (chunks of 32 rows = one
-// block of 16 warps x 2 rows). hxh / hxs / hxc may be null (float down weights read h itself).
-template <int WT>
-__device__ __forceinline__ void moe_gateup_body(const int* ids, const int* table, int E, int* err,
-                                                const u8* pool, i64 stride, u64 gq, u64 gs, u64 gm,
-                                                u64 uq, u64 us, u64 um, int I, int K, int Kp, int gshift, int A,
-                                                const float* x32, int ldx, const u16* xh, const float* xs,
-                                                const float* xc, int KX, float* hout, int ldh,
-                                                u16* hxh, float* hxs, float* hxc, int HKX) {
-    __shared__ float hv[32];
-    const int p = blockIdx.y, t = p / A;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int i0 = blockIdx.x * 32 + warp * 2;
-    const u8* base = nullptr;
-    const bool ok = expert_base(ids, table, E, err, p, pool, stride, &base);
-    float out[2] = {0.0f, 0.0f};
-    if (ok && i0 < I) {
-        const u8* qr[4]; const u16* sr[4]; const u16* mr[4];
-        const u8* qg[2]; const u16* sg[2]; const u16* mg[2];
-        const u8* qu[2]; const u16* su[2]; const u16* mu[2];
-        row_ptrs<2>(WT, base + gq, (const u16*)(base + gs), (const u16*)(base + gm), i0, I, K, Kp, gshift, qg, sg, mg);
-        row_ptrs<2>(WT, base + uq, (const u16*)(base + us), (const u16*)(base + um), i0, I, K, Kp, gshift, qu, su, mu);
-        qr[0] = qg[0]; qr[1] = qg[1]; qr[2] = qu[0]; qr[3] = qu[1];
-        sr[0] = sg[0]; sr[1] = sg[1]; sr[2] = su[0]; sr[3] = su[1];
-        mr[0] = mg[0]; mr[1] = mg[1]; mr[2] = mu[0]; mr[3] = mu[1];
-        float acc[4][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
-        const int ncx = KX >> 5;
-        dot_rows<WT, 1, 4, 2>(qr, sr, mr, K, Kp, gshift, x32 + (i64)t * ldx, ldx, xh + (i64)t * KX,
-                              xs + (i64)t * ncx, xc + (i64)t * ncx, KX, acc);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const float g = warp_sum(acc[j][0]), u = warp_sum(acc[2 + j][0]);
-            if (i0 + j < I) {
-                out[j] = silu_mul1(g, u);
-                if (lane == 0) hout[(i64)p * ldh + i0 + j] = out[j];
-            }
+// gate+up fused with SiLU * mul. Task = 2 rows i0, i0 + 1 of h for one pair (4 weight rows:
+// gate i0, gate i0+1, up i0, up i0+1). h[p, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t).
+// When hxh is given, the warp that finishes the last rows of a chunk of 32 (atomic counter
+// cnt[p, chunk], reset by that warp) writes the chunk's xprep for the down projection.
+struct GateUpF {
+    const int* ids; const int* table; int E; int* err; const u8* pool; i64 stride;
+    u64 gq, gs, gm, uq, us, um;
+    int wt, I, K, Kp, gshift, A, ngroups;
+    const float* x32; int ldx; const u16* xh; const float* xs; const float* xc; int KX;
+    float* hout; int ldh; u16* hxh; float* hxs; float* hxc; int HKX; int* cnt;
+
+    __device__ __forceinline__ void rows(int task, Rows<4>& r) const {
+        const int p = task / ngroups, i0 = (task % ngroups) * 2, t = p / A;
+        const u8* base;
+        r.ok = expert_base(ids, table, E, err, p, pool, stride, &base);
+        const u8* q2[2]; const u16* s2[2]; const u16* m2[2];
+        row_ptrs<2>(wt, base + gq, (const u16*)(base + gs), (const u16*)(base + gm), i0, I, K, Kp, gshift, q2, s2, m2);
+        r.q[0] = q2[0]; r.q[1] = q2[1]; r.s[0] = s2[0]; r.s[1] = s2[1]; r.m[0] = m2[0]; r.m[1] = m2[1];
+        row_ptrs<2>(wt, base + uq, (const u16*)(base + us), (const u16*)(base + um), i0, I, K, Kp, gshift, q2, s2, m2);
+        r.q[2] = q2[0]; r.q[3] = q2[1]; r.s[2] = s2[0]; r.s[3] = s2[1]; r.m[2] = m2[0]; r.m[3] = m2[1];
+        r.x32 = x32 + (i64)t * ldx;
+        r.xh = xh + (i64)t * KX;
+        r.xs = xs + (i64)t * (KX >> 5);
+        r.xc = xc + (i64)t * (KX >> 5);
+    }
+    __device__ __forceinline__ void done(int task, const Rows<4>& r, float (&acc)[4][1]) const {
+        const int p = task / ngroups, i0 = (task % ngroups) * 2, lane = threadIdx.x & 31;
+        const float g0 = warp_sum(acc[0][0]), g1 = warp_sum(acc[1][0]);
+        const float u0 = warp_sum(acc[2][0]), u1 = warp_sum(acc[3][0]);
+        if (lane == 0) {
+            hout[(i64)p * ldh + i0] = r.ok ? silu_mul1(g0, u0) : 0.0f;
+            if (i0 + 1 < I) hout[(i64)p * ldh + i0 + 1] = r.ok ? silu_mul1(g1, u1) : 0.0f;
         }
-    } else if (i0 < I && lane == 0) {
-        hout[(i64)p * ldh + i0] = 0.0f;
-        if (i0 + 1 < I) hout[(i64)p * ldh + i0 + 1] = 0.0f;
+        if (hxh == nullptr) return;
+        const int ch = i0 >> 5, nch = (I + 31) >> 5;
+        const int in_chunk = min(32, I - 32 * ch), tasks_in_chunk = (in_chunk + 1) / 2;
+        __threadfence();
+        int prev = 0;
+        if (lane == 0) prev = atomicAdd(cnt + (i64)p * nch + ch, 1);
+        prev = __shfl_sync(0xffffffffu, prev, 0);
+        if (prev != tasks_in_chunk - 1) return;
+        if (lane == 0) cnt[(i64)p * nch + ch] = 0;
+        __threadfence();
+        const float v = lane < in_chunk ? __ldcg(hout + (i64)p * ldh + 32 * ch + lane) : 0.0f;
+        prep_chunk(v, hxh + (i64)p * HKX + 32 * ch, hxs + (i64)p * (HKX >> 5) + ch, hxc + (i64)p * (HKX >> 5) + ch);
     }
-    if (hxh == nullptr) return;
-    if (lane == 0) { hv[warp * 2] = out[0]; hv[warp * 2 + 1] = out[1]; }
-    __syncthreads();
-    if (warp == 0) {
-        const int hc = HKX >> 5;
-        prep_chunk(hv[lane], hxh + (i64)p * HKX + blockIdx.x * 32, hxs + (i64)p * hc + blockIdx.x,
-                   hxc + (i64)p * hc + blockIdx.x);
-    }
-}
+};
 
-// y[p, :] = rw[p] * (down_e . h[p]) (rw == null: weight 1); one output buffer per pair
-template <int WT>
-__device__ __forceinline__ void moe_down_body(const int* ids, const int* table, int E, int* err,
-                                              const u8* pool, i64 stride, u64 dq, u64 ds, u64 dm,
-                                              int D, int K, int Kp, int gshift,
-                                              const float* h32, int ldh, const u16* hxh, const float* hxs,
-                                              const float* hxc, int HKX, const float* rw, float* y, int ldy) {
-    const int p = blockIdx.y;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
-    if (row0 >= D) return;
-    const u8* base = nullptr;
-    const bool ok = expert_base(ids, table, E, err, p, pool, stride, &base);
-    float acc[2][1] = {{0.0f}, {0.0f}};
-    if (ok) {
-        const u8* qr[2]; const u16* sr[2]; const u16* mr[2];
-        row_ptrs<2>(WT, base + dq, (const u16*)(base + ds), (const u16*)(base + dm), row0, D, K, Kp, gshift, qr, sr, mr);
-        const int hc = HKX >> 5;
-        dot_rows<WT, 1, 2, 4>(qr, sr, mr, K, Kp, gshift, h32 + (i64)p * ldh, ldh, hxh + (i64)p * HKX,
-                              hxs + (i64)p * hc, hxc + (i64)p * hc, HKX, acc);
+// y[p, :] = rw[p] * (down_e . h[p]) (rw == null: weight 1); one output row a pair.
+template <int RW>
+struct DownF {
+    const int* ids; const int* table; int E; int* err; const u8* pool; i64 stride;
+    u64 dq, ds, dm;
+    int wt, D, K, Kp, gshift, ngroups;
+    const float* h32; int ldh; const u16* hxh; const float* hxs; const float* hxc; int HKX;
+    const float* rw; float* y; int ldy;
+
+    __device__ __forceinline__ void rows(int task, Rows<RW>& r) const {
+        const int p = task / ngroups, row0 = (task % ngroups) * RW;
+        const u8* base;
+        r.ok = expert_base(ids, table, E, err, p, pool, stride, &base);
+        row_ptrs<RW>(wt, base + dq, (const u16*)(base + ds), (const u16*)(base + dm), row0, D, K, Kp, gshift, r.q, r.s, r.m);
+        r.x32 = h32 + (i64)p * ldh;
+        r.xh = hxh + (i64)p * HKX;
+        r.xs = hxs + (i64)p * (HKX >> 5);
+        r.xc = hxc + (i64)p * (HKX >> 5);
     }
-    const float w = rw ? rw[p] : 1.0f;
+    __device__ __forceinline__ void done(int task, const Rows<RW>& r, float (&acc)[RW][1]) const {
+        const int p = task / ngroups, row0 = (task % ngroups) * RW;
+        const float w = rw ? __ldg(rw + p) : 1.0f;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float v = warp_sum(acc[r][0]);
-        if (lane == 0 && row0 + r < D) y[(i64)p * ldy + row0 + r] = ok ? (rw ? v * w : v) : 0.0f;
+        for (int i = 0; i < RW; ++i) {
+            const float v = warp_sum(acc[i][0]);
+            if ((threadIdx.x & 31) == 0 && row0 + i < D)
+                y[(i64)p * ldy + row0 + i] = r.ok ? (rw ? v * w : v) : 0.0f;
+        }
     }
-}
+};
 
-#define MOE_INST(WTN, WT) \
-    extern "C" __global__ void __launch_bounds__(512) moe_gateup_##WTN( \
-        const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 gq, u64 gs, u64 gm, \
-        u64 uq, u64 us, u64 um, int I, int K, int Kp, int gshift, int A, const float* x32, int ldx, \
+#define MOE_INST(WTN, WT, UG, UD) \
+    extern "C" __global__ void __launch_bounds__(256) moe_gateup_##WTN( \
+        int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 gq, u64 gs, \
+        u64 gm, u64 uq, u64 us, u64 um, int I, int K, int Kp, int gshift, int A, const float* x32, int ldx, \
         const u16* xh, const float* xs, const float* xc, int KX, float* hout, int ldh, u16* hxh, float* hxs, \
-        float* hxc, int HKX) { \
-        moe_gateup_body<WT>(ids, table, E, err, pool, stride, gq, gs, gm, uq, us, um, I, K, Kp, gshift, A, x32, \
-                            ldx, xh, xs, xc, KX, hout, ldh, hxh, hxs, hxc, HKX); } \
+        float* hxc, int HKX, int* cnt) { \
+        GateUpF f; \
+        f.ids = ids; f.table = table; f.E = E; f.err = err; f.pool = pool; f.stride = stride; \
+        f.gq = gq; f.gs = gs; f.gm = gm; f.uq = uq; f.us = us; f.um = um; \
+        f.wt = WT; f.I = I; f.K = K; f.Kp = Kp; f.gshift = gshift; f.A = A; f.ngroups = (I + 1) / 2; \
+        f.x32 = x32; f.ldx = ldx; f.xh = xh; f.xs = xs; f.xc = xc; f.KX = KX; \
+        f.hout = hout; f.ldh = ldh; f.hxh = hxh; f.hxs = hxs; f.hxc = hxc; f.HKX = HKX; f.cnt = cnt; \
+        run_tasks<WT, 1, 4, UG>(f, ntasks, K, Kp, gshift, ldx, KX); } \
     extern "C" __global__ void __launch_bounds__(256) moe_down_##WTN( \
-        const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 dq, u64 ds, u64 dm, \
-        int D, int K, int Kp, int gshift, const float* h32, int ldh, const u16* hxh, const float* hxs, \
+        int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 dq, u64 ds, \
+        u64 dm, int D, int K, int Kp, int gshift, const float* h32, int ldh, const u16* hxh, const float* hxs, \
         const float* hxc, int HKX, const float* rw, float* y, int ldy) { \
-        moe_down_body<WT>(ids, table, E, err, pool, stride, dq, ds, dm, D, K, Kp, gshift, h32, ldh, hxh, hxs, \
-                          hxc, HKX, rw, y, ldy); }
-MOE_INST(f32, WT_F32)
-MOE_INST(f16, WT_F16)
-MOE_INST(bf16, WT_BF16)
-MOE_INST(q4, WT_Q4)
-MOE_INST(q8, WT_Q8)
+        DownF<2> f; \
+        f.ids = ids; f.table = table; f.E = E; f.err = err; f.pool = pool; f.stride = stride; \
+        f.dq = dq; f.ds = ds; f.dm = dm; f.wt = WT; f.D = D; f.K = K; f.Kp = Kp; f.gshift = gshift; \
+        f.ngroups = (D + 1) / 2; f.h32 = h32; f.ldh = ldh; f.hxh = hxh; f.hxs = hxs; f.hxc = hxc; f.HKX = HKX; \
+        f.rw = rw; f.y = y; f.ldy = ldy; \
+        run_tasks<WT, 1, 2, UD>(f, ntasks, K, Kp, gshift, ldh, HKX); }
+MOE_INST(f32, WT_F32, 1, 1)
+MOE_INST(f16, WT_F16, 1, 2)
+MOE_INST(bf16, WT_BF16, 1, 2)
+MOE_INST(q4, WT_Q4, 1, 2)
+MOE_INST(q8, WT_Q8, 1, 1)
