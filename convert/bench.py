@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         built = subprocess.run([sys.executable, "-m", "efconvert.bench", "--build-only", str(src), "--gb", str(a.gb)],
                                capture_output=True, text=True, check=True)
         in_bytes = int(built.stdout.split()[-1])
-        result = {"shape": f"{SHAPE} truncated to {json.loads((src / 'config.json').read_text())['num_hidden_layers']} layers",
+        layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+        result = {"shape": f"{SHAPE} truncated to {layers} layers",
                   "input_bytes": in_bytes, "source_dtype": "bf16", "experts": a.experts, "dense": a.dense,
-                  "group": quant.DEFAULT_GROUP, "cpus": os.cpu_count(), "build_seconds": round(time.perf_counter() - t0, 1),
+                  "group": quant.DEFAULT_GROUP, "cpus": os.cpu_count(),
+                  "build_seconds": round(time.perf_counter() - t0, 1),
                   "load_average": os.getloadavg()[0],
                   "peak_rss_note": "peak_rss_MB: ru_maxrss of the converting children (max over runs); "
                                    "vm_hwm_MB: the converter's own high-water RSS"}

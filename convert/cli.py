@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", default="q8", choices=quant.TYPES,
                    help="attention, shared experts, dense FFNs, output head (default q8)")
     p.add_argument("--embed", default=None, choices=quant.TYPES, help="token embedding (default: as --dense)")
-    p.add_argument("--group", type=int, default=quant.DEFAULT_GROUP, help="quantization group size along K (default 64)")
+    p.add_argument("--group", type=int, default=quant.DEFAULT_GROUP,
+                   help="quantization group size along K (default 64)")
     p.add_argument("--random", metavar="SHAPE", help="write random weights of a named real shape (see --list-shapes)")
     p.add_argument("--layers", type=int, default=None, help="with --random: keep only the first N layers")
     p.add_argument("--seed", type=int, default=0, help="with --random: random seed (default 0)")

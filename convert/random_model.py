@@ -177,7 +177,8 @@ def _random_experts(w: Writer, pools: Pools, specs: dict, bar) -> None:
         return
     lay, nbytes = expert_layout(specs)
     blobs = [np.zeros(nbytes, np.uint8) for _ in range(2)]
-    starts = [[int(pools.rng.integers(0, POOL)) for _ in lay] for _ in range(len(w.experts["layers"]) * w.experts["count"])]
+    n_blobs = len(w.experts["layers"]) * w.experts["count"]
+    starts = [[int(pools.rng.integers(0, POOL)) for _ in lay] for _ in range(n_blobs)]
 
     def make(k: int) -> str:
         blob = blobs[k % 2]

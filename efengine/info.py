@@ -72,7 +72,8 @@ def print_summary(s: dict, out=None) -> None:
     x = s["experts"]
     if x:
         parts = ", ".join(f"{k} {v['type']} {v['shape']}" for k, v in x["parts"].items())
-        p(f"experts       {x['per_layer']} per layer in {x['layers']} MoE layers, top-{x['top_k']}, width {x['width']}; "
+        p(f"experts       {x['per_layer']} per layer in {x['layers']} MoE layers, top-{x['top_k']}, "
+          f"width {x['width']}; "
           f"blob {_gib(x['blob_bytes'])} ({parts})")
     if c.get("n_shared_experts"):
         p(f"shared        {c['n_shared_experts']} shared expert(s), width {c['shared_intermediate_size']}")
@@ -121,5 +122,6 @@ def main(args: list[str]) -> int:
     else:
         print_summary(s)
         if bad is not None:
-            print(f"verify: {'OK, every checksum matches' if not bad else f'{len(bad)} corrupt pieces: ' + ', '.join(bad[:20])}")
+            print("verify: OK, every checksum matches" if not bad else
+                  f"verify: {len(bad)} corrupt pieces: {', '.join(bad[:20])}")
     return 1 if bad else 0

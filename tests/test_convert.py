@@ -44,9 +44,11 @@ def assert_same_as_hf(ef, hf, family, bits=False):
     cfg = ef.config
     for canon, shape, _ in efmodels.expected_tensors(cfg):
         ref = hf[efmodels.hf_name(family, canon)]
-        got = ef.raw(canon).view(np.uint16).reshape(shape) if bits and ef.tensors[canon].type != "f32" else ef.load(canon)
-        if bits and ef.tensors[canon].type == "f32":      # norms are widened to f32: exact
-            ref = quant.bf16_to_f32(ref) if ef.meta["source"]["dtypes"] == ["BF16"] else ref.view(np.float16).astype(np.float32)
+        widened = ef.tensors[canon].type == "f32"
+        got = ef.raw(canon).view(np.uint16).reshape(shape) if bits and not widened else ef.load(canon)
+        if bits and widened:                               # norms are widened to f32: exact
+            bf16 = ef.meta["source"]["dtypes"] == ["BF16"]
+            ref = quant.bf16_to_f32(ref) if bf16 else ref.view(np.float16).astype(np.float32)
         np.testing.assert_array_equal(got, ref, err_msg=canon)
     lay = ef.expert_layout
     for layer in cfg.moe_layers:
@@ -79,7 +81,8 @@ def test_f32_round_trip_is_exact(name, tiny_ckpt, tiny_ef):
     tok = ef.meta["tokenizer"]
     assert tok["chat_template"] == tc["chat_template"] and tok["eos_token"] == tc["eos_token"]
     assert tok["bos_token"] == tc["bos_token"] and tok["add_bos_token"] == tc["add_bos_token"]
-    assert ef.meta["quantization"]["experts"] == "f32" and ef.meta["source"]["architecture"] == ck.hf_config["architectures"][0]
+    assert ef.meta["quantization"]["experts"] == "f32"
+    assert ef.meta["source"]["architecture"] == ck.hf_config["architectures"][0]
 
 
 @pytest.mark.parametrize("name,dtype,stored", [("mixtral", "bfloat16", "bf16"), ("deepseek_v2", "bfloat16", "bf16"),
@@ -225,7 +228,8 @@ def check_random(path, vocab):
     text = "Hello, wörld! 日本"
     assert tok.decode(tok.encode(text).ids) == text
     meta = ef.meta["tokenizer"]
-    chat = Template(meta["chat_template"]).render(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    chat = Template(meta["chat_template"]).render(messages=[{"role": "user", "content": "hi"}],
+                                                  add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.token_to_id(meta["eos_token"]) == meta["eos_token_id"]
     return ef
@@ -233,7 +237,8 @@ def check_random(path, vocab):
 
 def test_random_full_size_shape_truncated(tmp_path):
     out = tmp_path / "r.ef"
-    assert efconvert_main(["--random", "olmoe-1b-7b", str(out), "--layers", "1", "--experts", "q4", "--dense", "q4"]) == 0
+    args = ["--random", "olmoe-1b-7b", str(out), "--layers", "1", "--experts", "q4", "--dense", "q4"]
+    assert efconvert_main(args) == 0
     ef = check_random(out, 50304)
     assert ef.config.n_layers == 1 and ef.n_experts == 64 and ef.expert_layout["gate"].shape == (1024, 2048)
     ef.close()

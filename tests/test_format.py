@@ -66,7 +66,8 @@ def test_round_trip(ef_file):
     for (i, e), parts in experts.items():
         got = ef.expert_weights(i, e)
         for p, (qt, shape, group) in SPECS.items():
-            np.testing.assert_array_equal(got[p], quant.dequantize(quant.quantize(parts[p], qt, group), qt, shape, group))
+            want = quant.dequantize(quant.quantize(parts[p], qt, group), qt, shape, group)
+            np.testing.assert_array_equal(got[p], want)
         assert ef.expert_offset(i, e) % eff.ALIGN == 0
     assert ef.file("tokenizer.json") == b'{"x": true}' and ef.file("nope") is None
     assert ef.verify() == []
