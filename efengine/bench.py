@@ -156,6 +156,29 @@ def _active_params(model, pool) -> tuple[int, int]:
     return per_tok, model.lm_head.N * model.lm_head.K
 
 
+def _breakdown(g, pos0: int, args, pool, step_bytes: int, step: float) -> dict:
+    """Time of the step's parts: graphs of the same step without the routed experts, and without
+    every matrix (wrong tokens, right kernels), subtracted from the whole step."""
+    cfg = g.cfg
+    parts = {}
+    for key, skip in (("no_moe", {"moe"}), ("small_only", {"moe", "gemv"})):
+        vg = g.variant(skip)
+
+        def run_variant(vg=vg):
+            g.start(1, pos0)
+            for _ in range(args.decode):
+                vg.launch(g.stream)
+        parts[key] = _timed(run_variant, 3, stream=g.stream, warmup=1) / args.decode
+    moe_bytes = len(cfg.moe_layers) * cfg.top_k * sum(p_nbytes(p) for p in pool.layout.parts.values())
+    kv_bytes = 2 * cfg.n_layers * (pos0 + args.decode / 2 + 1) * cfg.n_kv_heads * cfg.head_dim * 4
+    dense_bytes = step_bytes - moe_bytes - kv_bytes
+    t_moe, t_dense = step - parts["no_moe"], parts["no_moe"] - parts["small_only"]
+    return {"decode_breakdown_ms": {"routed_experts": 1e3 * t_moe, "dense_matrices": 1e3 * t_dense,
+                                    "norms_attention_routing_rest": 1e3 * parts["small_only"]},
+            "decode_breakdown_GBps": {"routed_experts": moe_bytes / max(1e-9, t_moe) / 1e9,
+                                      "dense_matrices": dense_bytes / max(1e-9, t_dense) / 1e9}}
+
+
 def model_bench(name: str, experts: str, dense: str, args, ceil: dict, log) -> dict:
     import cupy
     from .model import Model
@@ -199,6 +222,7 @@ def model_bench(name: str, experts: str, dense: str, args, ceil: dict, log) -> d
     r["decode_tok_s"] = args.decode / t
     r["decode_ms_per_token"] = 1e3 * t / args.decode
     r["bytes_per_step"] = _step_bytes(model, pool, pos0 + args.decode / 2)
+    r.update(_breakdown(g, pos0, args, pool, r["bytes_per_step"], t / args.decode))
     r["resident_bound_tok_s"] = ceil["read_GBps"] * 1e9 / r["bytes_per_step"]
     r["frac_resident_bound"] = r["decode_tok_s"] / r["resident_bound_tok_s"]
     log(f"{name}: decode {r['decode_tok_s']:.1f} tok/s ({100 * r['frac_resident_bound']:.1f}% of bound)")
@@ -235,6 +259,13 @@ def table(res: dict) -> str:
         lines.append(f"{m['model'] + ' ' + m['experts'] + '/' + m['dense']:24} {m['decode_tok_s']:12.1f} "
                      f"{100 * m['frac_resident_bound']:8.1f} {m['resident_bound_tok_s']:8.1f} "
                      f"{m.get('prefill_tok_s', float('nan')):14.0f} {100 * m.get('frac_matmul_rate', float('nan')):9.1f}")
+    for m in res.get("models", []):
+        b, gb = m.get("decode_breakdown_ms"), m.get("decode_breakdown_GBps")
+        if b:
+            lines.append(f"  {m['model']} step {m['decode_ms_per_token']:.2f} ms: routed experts {b['routed_experts']:.2f} ms "
+                         f"({gb['routed_experts']:.0f} GB/s), dense matrices {b['dense_matrices']:.2f} ms "
+                         f"({gb['dense_matrices']:.0f} GB/s), the rest {b['norms_attention_routing_rest']:.2f} ms "
+                         f"({m['kernels_per_step']} kernels a step)")
     return "\n".join(lines)
 
 

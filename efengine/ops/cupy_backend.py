@@ -131,12 +131,25 @@ class CupyBackend:
         T = x.shape[0]
         lay = h.layout
         if T > SMALL_T:
-            g = ops.matmul_f16(x, h.weight("gate").f16())
-            u = ops.matmul_f16(x, h.weight("up").f16())
-            return ops.matmul_f16(self.silu_mul(g, u), h.weight("down").f16())
+            return self._expert_gemm(x, h)
         gate, up, down = (ops.Mat.of_part(lay.parts[p]) for p in ("gate", "up", "down"))
         src = ops.Experts(base=h.base)
         return _expert_pairs(src, gate, up, down, T, 1, x, None)
+
+    def _expert_gemm(self, x, h: ExpertHandle):
+        """Prefill: fp16 GEMMs; quantized gate and up are widened into one [2I, D] matrix (one GEMM)."""
+        x16 = ops.to_f16_rows(x)
+        gw, uw = h.weight("gate"), h.weight("up")
+        I = gw.N
+        if gw.quantized:
+            w2 = cupy.empty((2 * I, gw.K), dtype=cupy.float16)
+            gw.f16(out=w2[:I])
+            uw.f16(out=w2[I:])
+            gu = ops.matmul_f16(x, w2, x16)
+            g, u = gu[:, :I], gu[:, I:]
+        else:
+            g, u = ops.matmul_f16(x, gw.f16(), x16), ops.matmul_f16(x, uw.f16(), x16)
+        return ops.matmul_f16(self.silu_mul(g, u), h.weight("down").f16())
 
     def moe_combine(self, y, weights):
         acc = y[:, 0] * weights[:, 0, None]

@@ -60,6 +60,7 @@ class DecodeGraph:
         self._plan()
         self.graph = None
         self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.skip: set = set()      # kernel classes left out of a step (timing breakdowns only)
 
     # ---- planning: buffers and descriptors fixed before capture ----------------------------
     def _plan(self) -> None:
@@ -124,6 +125,8 @@ class DecodeGraph:
     # ---- one step ------------------------------------------------------------------------------
     def _dense_ffn(self, gate: GpuWeight, up: GpuWeight, down: GpuWeight) -> None:
         """fy = down(silu(gate x) * up x) of the current normed x (dense weights)."""
+        if "gemv" in self.skip:
+            return
         ops.moe_gateup(_dense_src(), ops.Mat.of_weight(gate), ops.Mat.of_weight(up), 1, 1, self.x32, self.prepD,
                        self.fbuf, self.fprep if down.quantized else None)
         ops.moe_down(_dense_src(), ops.Mat.of_weight(down), 1, self.fbuf, self.fprep, None, self.fy)
@@ -137,7 +140,7 @@ class DecodeGraph:
         for l, L in enumerate(self.layers):
             w = L["w"]
             self._norm(w["attn_norm"], pend)
-            ops.gemv_launch(L["qkv"], L["qkv_w"], 1, self.x32, self.prepD)
+            self._gemv(L["qkv"], L["qkv_w"], self.x32, self.prepD)
             ops.qkv_rope_store(self.q, self.k, self.v, H, G, d, self.cos, self.sin, self.pos,
                                self.cache.k[l], self.cache.v[l])
             ops.attention(self.q.reshape(1, H, d), self.cache.k[l], self.cache.v[l], self.pos, m.scale,
@@ -146,12 +149,16 @@ class DecodeGraph:
             Wo = w["attn_output"]
             if Wo.quantized:
                 ops.rows_prep(o2, H * d, prep=self.prepO)
-            ops.gemv_launch(L["o_desc"][self.cur], [Wo], 1, o2, self.prepO if Wo.quantized else None)
+            self._gemv(L["o_desc"][self.cur], [Wo], o2, self.prepO if Wo.quantized else None)
             self._norm(w["ffn_norm"], {})
             pend = self._moe(l, w) if L["moe"] else self._dense(w)
         self._norm(m.out_norm, pend)
-        ops.gemv_launch(self.lm_desc, [m.lm_head], 1, self.x32, self.prepD)
+        self._gemv(self.lm_desc, [m.lm_head], self.x32, self.prepD)
         ops.argmax_advance(self.logits, cfg.vocab_size, self.tok, self.pos, self.hist)
+
+    def _gemv(self, desc, weights, x32, prep) -> None:
+        if "gemv" not in self.skip:
+            ops.gemv_launch(desc, weights, 1, x32, prep)
 
     def _norm(self, nw, pend: dict) -> None:
         """Residual update by the pending FFN outputs (into the other buffer), RMSNorm, xprep."""
@@ -174,8 +181,9 @@ class DecodeGraph:
                    self.ids, self.rw, extra=gate_sh, extra_out=self.sg if gate_sh is not None else None)
         src = ops.Experts(base=pool.base, stride=pool.stride, ids=self.ids,
                           table=addr(pool.table) + l * pool.E * 4, E=pool.E, err=pool.err)
-        ops.moe_gateup(src, self.gate, self.up, A, A, self.x32, self.prepD, self.hbuf, self.hprep)
-        ops.moe_down(src, self.down, A, self.hbuf, self.hprep, self.rw, self.ybuf)
+        if "moe" not in self.skip:
+            ops.moe_gateup(src, self.gate, self.up, A, A, self.x32, self.prepD, self.hbuf, self.hprep)
+            ops.moe_down(src, self.down, A, self.hbuf, self.hprep, self.rw, self.ybuf)
         pend = {"ybuf": self.ybuf, "A": A}
         if cfg.n_shared_experts:
             self._dense_ffn(w["ffn_gate_shexp"], w["ffn_up_shexp"], w["ffn_down_shexp"])
@@ -200,6 +208,21 @@ class DecodeGraph:
             finally:
                 self.graph = self.stream.end_capture()
         self.stream.synchronize()
+
+    def variant(self, skip: set):
+        """A graph of the step without some kernel classes ("gemv": dense matrices, "moe": routed
+        experts): wrong tokens, but the time the rest takes (bench breakdowns)."""
+        self.skip = set(skip)
+        try:
+            with self.stream:
+                self.stream.begin_capture()
+                try:
+                    self._step()
+                finally:
+                    g = self.stream.end_capture()
+        finally:
+            self.skip = set()
+        return g
 
     def start(self, token: int, pos: int) -> None:
         """Next step embeds `token` at position `pos` (the cache must hold positions 0..pos-1)."""

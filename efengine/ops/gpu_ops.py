@@ -154,12 +154,13 @@ def to_f16_rows(x):
     return out, inv
 
 
-def matmul_f16(x, w16):
-    """y [T, N] f32 = x [T, K] f32 @ w16 [N, K].T with fp16 operands and fp32 accumulation."""
+def matmul_f16(x, w16, x16=None):
+    """y [T, N] f32 = x [T, K] f32 @ w16 [N, K].T with fp16 operands and fp32 accumulation.
+    x16 = to_f16_rows(x) when the caller already has it."""
     global _unscale
     if _unscale is None:
         _unscale = cupy.ElementwiseKernel("float16 y, float32 s", "float32 z", "z = (float)y * s", "efengine_unscale")
-    x16, inv = to_f16_rows(x)
+    x16, inv = to_f16_rows(x) if x16 is None else x16
     return _unscale(cupy.matmul(x16, w16.T), inv[:, None])
 
 

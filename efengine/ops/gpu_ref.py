@@ -14,7 +14,7 @@ import numpy as np
 from .. import quant
 
 PREP_TARGET_EXP = 4
-# position of value j of an 8-block inside the prepared layout: x0 x4 x1 x5 x2 x6 x3 x7
+# position of value j of an 8-block inside its 16-byte word: x0 x4 x1 x5 x2 x6 x3 x7
 PERM = np.array([0, 2, 4, 6, 1, 3, 5, 7])
 
 
@@ -31,16 +31,18 @@ def prep_ref(x: np.ndarray, KX: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     h = (ch * scale[..., None]).astype(np.float16)
     xs = h.astype(np.float32).sum(axis=2, dtype=np.float64).astype(np.float32)
     xc = np.where(ok, np.ldexp(np.float32(1), e - PREP_TARGET_EXP), 1).astype(np.float32)
-    out = np.empty_like(h)
-    blocks = h.reshape(R, KX // 8, 8)
-    out.reshape(R, KX // 8, 8)[:, :, PERM] = blocks
-    return out.reshape(R, KX), xs, xc
+    perm = np.empty_like(h)                                   # [R, C, 32], order within 8s
+    perm.reshape(R, KX // 8, 8)[:, :, PERM] = h.reshape(R, KX // 8, 8)
+    # planes: 8-value group j of chunk c goes to plane j at position c
+    out = perm.reshape(R, KX // 32, 4, 8).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(out).reshape(R, KX), xs, xc
 
 
 def unprep_ref(xh: np.ndarray, xc: np.ndarray) -> np.ndarray:
-    """Values a prep stands for: [R, KX] float64 (undo the order and the chunk scales)."""
+    """Values a prep stands for: [R, KX] float64 (undo the layout and the chunk scales)."""
     R, KX = xh.shape
-    v = xh.astype(np.float64).reshape(R, KX // 8, 8)[:, :, PERM].reshape(R, KX // 32, 32)
+    v = xh.astype(np.float64).reshape(R, 4, KX // 32, 8).transpose(0, 2, 1, 3).reshape(R, KX // 8, 8)
+    v = v[:, :, PERM].reshape(R, KX // 32, 32)
     return (v * xc[..., None]).reshape(R, KX)
 
 

@@ -62,11 +62,15 @@ class GpuWeight:
             return addr(self.buf) + self.off[part] if part in self.off else 0
         return addr(self.buf) if part == "q" else 0
 
-    def f16(self):
-        """The matrix as cupy float16 [N, K] (a view for f16, else a new dequantized array)."""
-        if self.qtype == "f16":
+    def f16(self, out=None):
+        """The matrix as cupy float16 [N, K]: a view for f16, else dequantized into `out` (or a new
+        array)."""
+        if self.qtype == "f16" and out is None:
             return self.buf[: self.nbytes].view(cupy.float16).reshape(self.shape)
-        out = cupy.empty(self.shape, dtype=cupy.float16)
+        if out is None:
+            out = cupy.empty(self.shape, dtype=cupy.float16)
+        elif out.shape != self.shape or out.dtype != cupy.float16 or not out.flags.c_contiguous:
+            raise ConfigError(f"f16: out must be contiguous float16 {self.shape}")
         launch("misc", "dequant_f16", (self.N,), (256,),
                (i32(self.wt), self.buf, np.uint64(self.ptr("s")), np.uint64(self.ptr("m")),
                 i32(self.K), i32(self.Kp), i32(self.group if self.quantized else 1), out))

@@ -10,8 +10,10 @@
 // Activation prep ("xprep") for quantized weights: x is cut into chunks of 32 values along K;
 // each chunk gets its own power-of-two scale so that its largest value lies in [8, 16), and is
 // stored as fp16 in the order the q4/q8 decoders produce codes: within every 8 values
-// [x0 x4 x1 x5 x2 x6 x3 x7]. xs = sum of the (scaled, fp16-rounded) chunk, xc = 1 / scale.
-// The bound keeps every fp16 partial sum of 16 products far below fp16's 65504.
+// [x0 x4 x1 x5 x2 x6 x3 x7]. A token's row holds NC = KX/32 chunks as 4 planes of 16 bytes:
+// plane j, chunk c at uint4 index j * NC + c (so the lanes of a warp, which take consecutive
+// chunks, read consecutive 16-byte words). xs = sum of the (scaled, fp16-rounded) chunk,
+// xc = 1 / scale. The bound keeps every fp16 partial sum of 8 products far below 65504.
 #define WT_F32 0
 #define WT_F16 1
 #define WT_BF16 2

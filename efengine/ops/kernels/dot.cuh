@@ -44,13 +44,13 @@ __device__ __forceinline__ void q8_decode(const uint4 a, const uint4 b, u32 p[16
     }
 }
 
-// sum over one chunk of decoded codes times the prepared fp16 activations
-__device__ __forceinline__ float dot_chunk(const u32 p[16], const u16* xchunk) {
-    const uint4* xv = (const uint4*)xchunk;
+// sum over chunk c of decoded codes times the prepared fp16 activations of one token's row
+__device__ __forceinline__ float dot_chunk(const u32 p[16], const u16* xrow, int c, int ncx) {
+    const uint4* xv = (const uint4*)xrow + c;
     u32 a0 = 0u, a1 = 0u;
 #pragma unroll
     for (int j = 0; j < 4; j += 2) {
-        const uint4 x = ld_nc4(xv + j), y = ld_nc4(xv + j + 1);
+        const uint4 x = ld_nc4(xv + j * ncx), y = ld_nc4(xv + (j + 1) * ncx);
         a0 = hfma2(p[4 * j + 0], x.x, a0); a0 = hfma2(p[4 * j + 1], x.y, a0);
         a0 = hfma2(p[4 * j + 2], x.z, a0); a0 = hfma2(p[4 * j + 3], x.w, a0);
         a1 = hfma2(p[4 * j + 4], y.x, a1); a1 = hfma2(p[4 * j + 5], y.y, a1);
@@ -112,7 +112,7 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
                         const float mc = WT == WT_Q4 ? h2f(__ldg(mr[r] + g)) + 8.0f * sc : 0.0f;
 #pragma unroll
                         for (int t = 0; t < T; ++t) {
-                            const float d = dot_chunk(p, xh + (i64)t * KX + (c << 5));
+                            const float d = dot_chunk(p, xh + (i64)t * KX, c, ncx);
                             const float part = WT == WT_Q4 ? sc * d + mc * __ldg(xs + t * ncx + c) : sc * d;
                             acc[r][t] += part * __ldg(xc + t * ncx + c);
                         }

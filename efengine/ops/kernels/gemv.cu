@@ -4,8 +4,8 @@
 
 #define PREP_TARGET_EXP 4   // a chunk's largest |x| is scaled into [2^(E-1), 2^E) = [8, 16)
 
-// One warp: the xprep of one chunk of 32 values; lane j holds value j of the chunk.
-__device__ __forceinline__ void prep_chunk(float v, u16* xh_chunk, float* xs_c, float* xc_c) {
+// One warp: the xprep of chunk c of a token's row (xh_row, NC = ncx chunks); lane j holds value j.
+__device__ __forceinline__ void prep_chunk(float v, u16* xh_row, int c, int ncx, float* xs_c, float* xc_c) {
     const int lane = threadIdx.x & 31;
     const float amax = warp_max(fabsf(v));
     int e = 0;
@@ -15,8 +15,8 @@ __device__ __forceinline__ void prep_chunk(float v, u16* xh_chunk, float* xs_c, 
     const u16 hv = f2h(v * scale);
     const float sum = warp_sum(h2f(hv));
     const int i = lane & 7;
-    const int pos = (lane & ~7) | (i < 4 ? 2 * i : 2 * (i - 4) + 1);   // x0 x4 x1 x5 x2 x6 x3 x7
-    xh_chunk[pos] = hv;
+    const int pos = i < 4 ? 2 * i : 2 * (i - 4) + 1;     // x0 x4 x1 x5 x2 x6 x3 x7 in plane lane / 8
+    xh_row[(((i64)(lane >> 3) * ncx + c) << 3) + pos] = hv;
     if (lane == 0) {
         *xs_c = sum;
         *xc_c = ok ? ldexpf(1.0f, e - PREP_TARGET_EXP) : 1.0f;
@@ -79,7 +79,7 @@ rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int 
     }
     if (xh != nullptr && (c << 5) < KX) {
         const int ncx = KX >> 5;
-        prep_chunk(v, xh + (i64)r * KX + (c << 5), xs + (i64)r * ncx + c, xc + (i64)r * ncx + c);
+        prep_chunk(v, xh + (i64)r * KX, c, ncx, xs + (i64)r * ncx + c, xc + (i64)r * ncx + c);
     }
 }
 
@@ -174,7 +174,7 @@ GEMV_ALL_T(f32, WT_F32, 1)
 GEMV_ALL_T(f16, WT_F16, 2)
 GEMV_ALL_T(bf16, WT_BF16, 2)
 GEMV_ALL_T(q4, WT_Q4, 2)
-GEMV_ALL_T(q8, WT_Q8, 1)
+GEMV_ALL_T(q8, WT_Q8, 2)
 
 // ---- routing -------------------------------------------------------------------------------
 #define ROUTE_PER_LANE 16      // up to 512 experts
@@ -404,7 +404,7 @@ struct GateUpF {
         if (lane == 0) cnt[(i64)p * nch + ch] = 0;
         __threadfence();
         const float v = lane < in_chunk ? __ldcg(hout + (i64)p * ldh + 32 * ch + lane) : 0.0f;
-        prep_chunk(v, hxh + (i64)p * HKX + 32 * ch, hxs + (i64)p * (HKX >> 5) + ch, hxc + (i64)p * (HKX >> 5) + ch);
+        prep_chunk(v, hxh + (i64)p * HKX, ch, HKX >> 5, hxs + (i64)p * (HKX >> 5) + ch, hxc + (i64)p * (HKX >> 5) + ch);
     }
 };
 

@@ -64,7 +64,7 @@ __device__ __forceinline__ void stream_compute(const uint4 (&w)[U][RW][WTraits<W
                 const float mc = WT == WT_Q4 ? h2f(__ldg(r.m[i] + gi)) + 8.0f * sc : 0.0f;
 #pragma unroll
                 for (int t = 0; t < T; ++t) {
-                    const float d = dot_chunk(p, r.xh + (i64)t * KX + (c << 5));
+                    const float d = dot_chunk(p, r.xh + (i64)t * KX, c, ncx);
                     const float part = WT == WT_Q4 ? sc * d + mc * __ldg(r.xs + t * ncx + c) : sc * d;
                     acc[i][t] += part * __ldg(r.xc + t * ncx + c);
                 }
