@@ -364,10 +364,16 @@ def test_attention(rng, case):
     # forced key splits (the decode graph's way: in-kernel merge of partial softmaxes)
     work = ops.AttnWork(T, H, G, dv, 5)
     out = cp.full((T, H, dv), np.nan, dtype=cp.float32)
+    prep = ops.XPrep(T, H * dv, H * dv) if dv % 32 == 0 else None
     ops.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(np.array([pos0], np.int32)), dq ** -0.5,
-                  out=out, work=work, S=S)
-    assert rel(ref, cp.asnumpy(out)) < TOL_F32
+                  out=out, work=work, S=S, prep=prep)
+    got = cp.asnumpy(out)
+    assert rel(ref, got) < TOL_F32
     assert int(work.counters.sum()) == 0
+    if prep is not None:          # the fused xprep of the o projection's input
+        xh, xs, xc = gpu_ref.prep_ref(got.reshape(T, H * dv), H * dv)
+        np.testing.assert_array_equal(cp.asnumpy(prep.xh).view(np.float16), xh)
+        np.testing.assert_array_equal(cp.asnumpy(prep.xc), xc)
 
 
 @gpu

@@ -9,7 +9,7 @@ routed experts all sit in `pool` (an ExpertPool: slot table on the device): embe
 step reads is at a fixed device address, so the captured graph replays at any position; the
 routers' choices reach the MoE kernels through device memory only. Per layer (MoE, quantized):
   rows_prep(residual update + attn norm + xprep) | q,k,v GEMV (one launch) | rope + KV store |
-  attention (split keys, merged in-kernel) | xprep of o | o GEMV (+= residual) |
+  attention (split keys, merged in-kernel, writes o's xprep) | o GEMV (+= residual) |
   rows_prep(ffn norm) | router GEMV + top-k | gate+up+SiLU (A experts) | down (A buffers)
 and the next rows_prep adds the A expert buffers in rank order (the numpy model's order).
 Supported: GQA without qk-norm (Mixtral, Qwen1.5/2-MoE with bias and shared experts, dense
@@ -143,11 +143,12 @@ class DecodeGraph:
             self._gemv(L["qkv"], L["qkv_w"], self.x32, self.prepD)
             ops.qkv_rope_store(self.q, self.k, self.v, H, G, d, self.cos, self.sin, self.pos,
                                self.cache.k[l], self.cache.v[l])
-            ops.attention(self.q.reshape(1, H, d), self.cache.k[l], self.cache.v[l], self.pos, m.scale,
-                          out=self.o, work=self.attw, S=self.P)
-            o2 = self.o.reshape(1, H * d)
             Wo = w["attn_output"]
-            if Wo.quantized:
+            fuse = Wo.quantized and d % 32 == 0          # the attention kernel writes o's xprep
+            ops.attention(self.q.reshape(1, H, d), self.cache.k[l], self.cache.v[l], self.pos, m.scale,
+                          out=self.o, work=self.attw, S=self.P, prep=self.prepO if fuse else None)
+            o2 = self.o.reshape(1, H * d)
+            if Wo.quantized and not fuse:
                 ops.rows_prep(o2, H * d, prep=self.prepO)
             self._gemv(L["o_desc"][self.cur], [Wo], o2, self.prepO if Wo.quantized else None)
             self._norm(w["ffn_norm"], {})

@@ -198,7 +198,7 @@ def router(W: GpuWeight, T: int, x32, prep: XPrep | None, cfg: ModelConfig, ids,
     if extra is not None and (extra.qtype, extra.K, extra.group) != (W.qtype, W.K, W.group):
         raise ConfigError("router: the shared-expert gate must share the router's type and group")
     q = None if prep is None else prep
-    launch("gemv", f"router_{W.qtype}", (T,), (256,),
+    launch("gemv", f"router_{W.qtype}", (T,), (1024,),
            (u64(W.ptr("q")), u64(W.ptr("s")), u64(W.ptr("m")),
             u64(0 if extra is None else extra.ptr("q")), u64(0 if extra is None else extra.ptr("s")),
             u64(0 if extra is None else extra.ptr("m")), i32(W.K), i32(W.Kp), i32(W.gshift),
@@ -282,11 +282,16 @@ def moe_down(src: Experts, down: Mat, P: int, h32, hprep: XPrep | None, rw, y) -
 
 # ---- attention and rotary --------------------------------------------------------------------
 
+def attn_qw(T: int, R: int) -> int:
+    """Query rows a warp: 1 for decode-sized steps (all warps busy), 4 for prefill (shared tiles)."""
+    return 1 if T * R <= 4 * ATT_WARPS else 4
+
+
 class AttnWork:
-    """Workspace of split-K decode attention for up to T tokens, H heads, nsplit splits."""
+    """Workspace of split-K attention for up to T tokens, H heads, nsplit splits."""
 
     def __init__(self, T: int, H: int, G: int, dv: int, nsplit: int):
-        tiles = cdiv(T * (H // G), 4 * ATT_WARPS)
+        tiles = cdiv(T * (H // G), ATT_WARPS)            # enough for one row a warp
         self.nsplit = nsplit
         self.m = cupy.empty(nsplit * T * H, dtype=cupy.float32)
         self.l = cupy.empty(nsplit * T * H, dtype=cupy.float32)
@@ -296,17 +301,20 @@ class AttnWork:
 
 def attn_splits(T: int, H: int, G: int, S: int) -> int:
     """Key splits so that a small step still fills the GPU (one split when the rows do)."""
-    blocks = cdiv(T * (H // G), 4 * ATT_WARPS) * G
+    R = H // G
+    blocks = cdiv(T * R, attn_qw(T, R) * ATT_WARPS) * G
     if blocks >= 132 or S <= 64:
         return 1
     return max(1, min(cdiv(S, 64), 264 // blocks))
 
 
-def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = None, S: int | None = None):
+def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = None, S: int | None = None,
+              prep: XPrep | None = None):
     """Causal attention: q [T, H, dq] (any strides, last axis contiguous), k [S, G, dq], v [S, G, dv].
 
     pos0: int, or a device int32 [1] (graph replays). S (keys the launch may cover) defaults to
-    k.shape[0]. Returns out [T, H, dv] float32.
+    k.shape[0]. Returns out [T, H, dv] float32; with prep (dv % 32 == 0) also the xprep of out's
+    rows [T, H*dv] for a quantized o projection.
     """
     T, H, dq = q.shape
     Sk, G, dk = k.shape
@@ -317,6 +325,8 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
         raise ConfigError(f"attention: value head dim {dv} > 256")
     if q.strides[2] != 4 or q.dtype != cupy.float32:
         raise ConfigError("attention: q must be float32 with a contiguous last axis")
+    if prep is not None and (dv % 32 or prep.R != T or prep.K != H * dv):
+        raise ConfigError("attention: the fused xprep needs dv % 32 == 0 and a prep of [T, H*dv]")
     _f32c(k, "attention k")
     _f32c(v, "attention v")
     S = Sk if S is None else S
@@ -327,12 +337,14 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
         work = AttnWork(T, H, G, dv, nsplit)
     chunk = cdiv(cdiv(S, nsplit), 32) * 32
     out = cupy.empty((T, H, dv), dtype=cupy.float32) if out is None else out
-    tiles = cdiv(T * (H // G), 4 * ATT_WARPS)
-    shared = 4 * (32 * (dq + 1) + 32 * dv + 4 * ATT_WARPS * dq)
-    launch("attn", "attention", (tiles, G, nsplit), (32 * ATT_WARPS,),
+    qw = attn_qw(T, H // G)
+    tiles = cdiv(T * (H // G), qw * ATT_WARPS)
+    shared = 4 * (32 * (dq + 1) + 32 * dv + qw * ATT_WARPS * dq)
+    launch("attn", f"attention_q{qw}", (tiles, G, nsplit), (32 * ATT_WARPS,),
            (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(dq), i32(dv),
             pos0, f32(scale), i32(chunk), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
-            ptr(work and work.counters)), shared=shared)
+            ptr(work and work.counters), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
+            i32(0 if prep is None else prep.KX)), shared=shared)
     return out
 
 

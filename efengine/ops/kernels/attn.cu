@@ -2,20 +2,40 @@
 // Pasted after common.cuh. Caches are [P, G, d] float32 (model.KVCache's layout).
 
 #define ATT_KT 32      // keys per shared-memory tile (one per lane)
-#define ATT_QW 4       // query rows per warp
 #define ATT_DV 8       // value dims per lane: dv <= 256
 
 // Query rows of kv group g = blockIdx.y are the pairs (t, r), row = t * R + r, head h = g * R + r;
-// a block takes 4 * warps rows (blockIdx.x) and the keys [split * chunk, +chunk) (blockIdx.z).
-// Online softmax over 32-key tiles. With one split the block writes out [T, H, dv]; with more,
-// each block writes its partial (max, sum, acc) to ws_* and the last block of a (tile, group)
-// to finish (atomic counter, reset for the next launch) merges them, so any number of splits
-// stays one launch. pos0 (position of token 0) is read from device memory so a captured graph
-// replays at every position. Query t sees keys 0 .. pos0 + t.
-extern "C" __global__ void __launch_bounds__(128)
-attention(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out,
-          int T, int H, int G, int dq, int dv, const int* pos0p, float scale, int chunk,
-          float* ws_m, float* ws_l, float* ws_acc, int* counters) {
+// a block takes ATT_QW * warps rows (blockIdx.x) and the keys [split * chunk, +chunk)
+// (blockIdx.z). Online softmax over 32-key tiles. With one split the block writes out
+// [T, H, dv]; with more, each block writes its partial (max, sum, acc) to ws_* and the last block
+// of a (tile, group) to finish (atomic counter, reset for the next launch) merges them, so any
+// number of splits stays one launch. pos0 (position of token 0) is read from device memory so a
+// captured graph replays at every position. Query t sees keys 0 .. pos0 + t. ATT_QW query rows
+// a warp: 4 share the key tiles (prefill), 1 spreads a decode step's few rows over all warps.
+// With oxh (dv a multiple of 32), the warp that writes a row also writes its xprep: out is
+// [T, H*dv] rows, chunk c of token t's row holds out[t, 32c .. 32c+31] (the o projection's input).
+__device__ __forceinline__ void out_row(float* out, int t, int h, int H, int dv, const float (&o)[ATT_DV],
+                                        u16* oxh, float* oxs, float* oxc, int OKX) {
+    const int lane = threadIdx.x & 31;
+    const i64 base = ((i64)t * H + h) * dv;
+#pragma unroll
+    for (int c = 0; c < ATT_DV; ++c)
+        if (lane + 32 * c < dv) out[base + lane + 32 * c] = o[c];
+    if (oxh == nullptr) return;
+    const int ncx = OKX >> 5;
+#pragma unroll
+    for (int c = 0; c < ATT_DV; ++c) {
+        if (32 * c < dv) {                                 // warp-uniform
+            const int ch = (h * dv) / 32 + c;
+            prep_chunk(o[c], oxh + (i64)t * OKX, ch, ncx, oxs + (i64)t * ncx + ch, oxc + (i64)t * ncx + ch);
+        }
+    }
+}
+
+template <int ATT_QW>
+__device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v,
+          float* out, int T, int H, int G, int dq, int dv, const int* pos0p, float scale, int chunk,
+          float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX) {
     extern __shared__ float sm[];
     __shared__ int is_last;
     const int R = H / G, nw = blockDim.x >> 5, QT = ATT_QW * nw;
@@ -89,10 +109,10 @@ attention(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, 
         for (int a = 0; a < ATT_QW; ++a) {
             const int row = qi0 + warp * ATT_QW + a;
             if (row >= nrows) continue;
-            const i64 o = ((i64)(row / R) * H + g * R + row % R) * dv;
+            float o[ATT_DV];
 #pragma unroll
-            for (int c = 0; c < ATT_DV; ++c)
-                if (lane + 32 * c < dv) out[o + lane + 32 * c] = acc[a][c] / l_[a];
+            for (int c = 0; c < ATT_DV; ++c) o[c] = acc[a][c] / l_[a];
+            out_row(out, row / R, g * R + row % R, H, dv, o, oxh, oxs, oxc, OKX);
         }
         return;
     }
@@ -138,10 +158,20 @@ attention(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, 
                 if (lane + 32 * c < dv) o[c] += __ldcg(ws_acc + (s * TH + idx0) * dv + lane + 32 * c) * f;
         }
 #pragma unroll
-        for (int c = 0; c < ATT_DV; ++c)
-            if (lane + 32 * c < dv) out[idx0 * dv + lane + 32 * c] = o[c] / L;
+        for (int c = 0; c < ATT_DV; ++c) o[c] = o[c] / L;
+        out_row(out, row / R, g * R + row % R, H, dv, o, oxh, oxs, oxc, OKX);
     }
 }
+
+#define ATT_ARGS const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out, int T, int H, \
+    int G, int dq, int dv, const int* pos0p, float scale, int chunk, float* ws_m, float* ws_l, float* ws_acc, \
+    int* counters, u16* oxh, float* oxs, float* oxc, int OKX
+#define ATT_INST(NAME, QW) \
+    extern "C" __global__ void __launch_bounds__(128) NAME(ATT_ARGS) { \
+        attention_body<QW>(q, ldq_t, ldq_h, k, v, out, T, H, G, dq, dv, pos0p, scale, chunk, ws_m, ws_l, ws_acc, \
+                           counters, oxh, oxs, oxc, OKX); }
+ATT_INST(attention_q1, 1)
+ATT_INST(attention_q4, 4)
 
 // (a, b) -> (a cos - b sin, b cos + a sin) with numpy's roundings (no fused multiply-add)
 __device__ __forceinline__ void rot(float a, float b, float c, float s, float* ra, float* rb) {

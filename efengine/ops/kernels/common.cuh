@@ -105,3 +105,24 @@ __device__ __forceinline__ float deq_elem(int wt, const u8* q, const u16* s, con
     const float code = (float)((k & 1) ? (b >> 4) : (b & 15));
     return __fadd_rn(__fmul_rn(code, sc), h2f(m[row * G + k / group]));
 }
+
+#define PREP_TARGET_EXP 4   // a chunk's largest |x| is scaled into [2^(E-1), 2^E) = [8, 16)
+
+// One warp: the xprep of chunk c of a token's row (xh_row, NC = ncx chunks); lane j holds value j.
+__device__ __forceinline__ void prep_chunk(float v, u16* xh_row, int c, int ncx, float* xs_c, float* xc_c) {
+    const int lane = threadIdx.x & 31;
+    const float amax = warp_max(fabsf(v));
+    int e = 0;
+    frexpf(amax, &e);                                    // amax = f * 2^e, f in [0.5, 1)
+    const bool ok = amax > 0.0f && amax <= 3.0e38f;      // zero, inf and NaN chunks keep scale 1
+    const float scale = ok ? ldexpf(1.0f, PREP_TARGET_EXP - e) : 1.0f;
+    const u16 hv = f2h(v * scale);
+    const float sum = warp_sum(h2f(hv));
+    const int i = lane & 7;
+    const int pos = i < 4 ? 2 * i : 2 * (i - 4) + 1;     // x0 x4 x1 x5 x2 x6 x3 x7 in plane lane / 8
+    xh_row[(((i64)(lane >> 3) * ncx + c) << 3) + pos] = hv;
+    if (lane == 0) {
+        *xs_c = sum;
+        *xc_c = ok ? ldexpf(1.0f, e - PREP_TARGET_EXP) : 1.0f;
+    }
+}

@@ -44,17 +44,22 @@ __device__ __forceinline__ void q8_decode(const uint4 a, const uint4 b, u32 p[16
     }
 }
 
-// sum over chunk c of decoded codes times the prepared fp16 activations of one token's row
-__device__ __forceinline__ float dot_chunk(const u32 p[16], const u16* xrow, int c, int ncx) {
+// the prepared fp16 activations of chunk c of one token's row (4 planes: 16 packed pairs)
+__device__ __forceinline__ void load_xchunk(const u16* xrow, int c, int ncx, uint4 x[4]) {
     const uint4* xv = (const uint4*)xrow + c;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x[j] = ld_nc4(xv + j * ncx);
+}
+
+// sum over one chunk of decoded codes times its activations (two chains of 8 products)
+__device__ __forceinline__ float dot16(const u32 p[16], const uint4 x[4]) {
     u32 a0 = 0u, a1 = 0u;
 #pragma unroll
     for (int j = 0; j < 4; j += 2) {
-        const uint4 x = ld_nc4(xv + j * ncx), y = ld_nc4(xv + (j + 1) * ncx);
-        a0 = hfma2(p[4 * j + 0], x.x, a0); a0 = hfma2(p[4 * j + 1], x.y, a0);
-        a0 = hfma2(p[4 * j + 2], x.z, a0); a0 = hfma2(p[4 * j + 3], x.w, a0);
-        a1 = hfma2(p[4 * j + 4], y.x, a1); a1 = hfma2(p[4 * j + 5], y.y, a1);
-        a1 = hfma2(p[4 * j + 6], y.z, a1); a1 = hfma2(p[4 * j + 7], y.w, a1);
+        a0 = hfma2(p[4 * j + 0], x[j].x, a0); a0 = hfma2(p[4 * j + 1], x[j].y, a0);
+        a0 = hfma2(p[4 * j + 2], x[j].z, a0); a0 = hfma2(p[4 * j + 3], x[j].w, a0);
+        a1 = hfma2(p[4 * j + 4], x[j + 1].x, a1); a1 = hfma2(p[4 * j + 5], x[j + 1].y, a1);
+        a1 = hfma2(p[4 * j + 6], x[j + 1].z, a1); a1 = hfma2(p[4 * j + 7], x[j + 1].w, a1);
     }
     return h2sum(a0) + h2sum(a1);
 }
@@ -73,20 +78,27 @@ __device__ __forceinline__ void unpack8(int wt, const uint4 a, const uint4 b, fl
     }
 }
 
-// acc[r][t] += (this lane's share of) row r . x of token t.
+// units of a row for dot_rows' ranges: 32-code chunks (quantized), 8 values (float, K % 8 == 0)
+// or single values
+__device__ __forceinline__ int row_units(int wt, int K, int Kp) {
+    return (wt == WT_Q4 || wt == WT_Q8) ? (Kp >> 5) : ((K & 7) == 0 ? (K >> 3) : K);
+}
+
+// acc[r][t] += (this lane's share of units u0 .. u1-1 of) row r . x of token t.
 // Quantized WT read xh/xs/xc (KX values a token); float WT read x32 (ldx a token).
 template <int WT, int T, int RW, int U>
 __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* const sr[RW], const u16* const mr[RW],
                                          const int K, const int Kp, const int gshift,
                                          const float* __restrict__ x32, const int ldx,
                                          const u16* __restrict__ xh, const float* __restrict__ xs,
-                                         const float* __restrict__ xc, const int KX, float acc[RW][T]) {
+                                         const float* __restrict__ xc, const int KX, float acc[RW][T],
+                                         const int u0, const int u1) {
     const int lane = threadIdx.x & 31;
     if (WT == WT_Q4 || WT == WT_Q8) {
         constexpr int CB = WT == WT_Q4 ? 16 : 32;      // bytes of one chunk
         constexpr int NL = CB / 16;                    // 16-byte loads per chunk
-        const int nc = Kp >> 5, ncx = KX >> 5;
-        for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+        const int nc = u1, ncx = KX >> 5;
+        for (int c0 = u0 + lane; c0 < nc; c0 += 32 * U) {
             uint4 w[U][RW][NL];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
@@ -112,7 +124,9 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
                         const float mc = WT == WT_Q4 ? h2f(__ldg(mr[r] + g)) + 8.0f * sc : 0.0f;
 #pragma unroll
                         for (int t = 0; t < T; ++t) {
-                            const float d = dot_chunk(p, xh + (i64)t * KX, c, ncx);
+                            uint4 xv[4];
+                            load_xchunk(xh + (i64)t * KX, c, ncx, xv);
+                            const float d = dot16(p, xv);
                             const float part = WT == WT_Q4 ? sc * d + mc * __ldg(xs + t * ncx + c) : sc * d;
                             acc[r][t] += part * __ldg(xc + t * ncx + c);
                         }
@@ -123,8 +137,8 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
     } else if ((K & 7) == 0) {
         constexpr int NL = WT == WT_F32 ? 2 : 1;
         constexpr int ES = WT == WT_F32 ? 4 : 2;
-        const int n8 = K >> 3;
-        for (int c0 = lane; c0 < n8; c0 += 32 * U) {
+        const int n8 = u1;
+        for (int c0 = u0 + lane; c0 < n8; c0 += 32 * U) {
             uint4 w[U][RW][NL];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
@@ -160,7 +174,7 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
         }
     } else {
         // K not a multiple of 8 (tiny test models): one element at a time
-        for (int k = lane; k < K; k += 32) {
+        for (int k = u0 + lane; k < u1; k += 32) {
 #pragma unroll
             for (int r = 0; r < RW; ++r) {
                 float wv;

@@ -2,27 +2,6 @@
 // their stored layout, plus the kernels that feed them (rows_prep) and the MoE and router
 // kernels built on the same row dot products (dot.cuh). Pasted after common.cuh and dot.cuh.
 
-#define PREP_TARGET_EXP 4   // a chunk's largest |x| is scaled into [2^(E-1), 2^E) = [8, 16)
-
-// One warp: the xprep of chunk c of a token's row (xh_row, NC = ncx chunks); lane j holds value j.
-__device__ __forceinline__ void prep_chunk(float v, u16* xh_row, int c, int ncx, float* xs_c, float* xc_c) {
-    const int lane = threadIdx.x & 31;
-    const float amax = warp_max(fabsf(v));
-    int e = 0;
-    frexpf(amax, &e);                                    // amax = f * 2^e, f in [0.5, 1)
-    const bool ok = amax > 0.0f && amax <= 3.0e38f;      // zero, inf and NaN chunks keep scale 1
-    const float scale = ok ? ldexpf(1.0f, PREP_TARGET_EXP - e) : 1.0f;
-    const u16 hv = f2h(v * scale);
-    const float sum = warp_sum(h2f(hv));
-    const int i = lane & 7;
-    const int pos = i < 4 ? 2 * i : 2 * (i - 4) + 1;     // x0 x4 x1 x5 x2 x6 x3 x7 in plane lane / 8
-    xh_row[(((i64)(lane >> 3) * ncx + c) << 3) + pos] = hv;
-    if (lane == 0) {
-        *xs_c = sum;
-        *xc_c = ok ? ldexpf(1.0f, e - PREP_TARGET_EXP) : 1.0f;
-    }
-}
-
 // h[r, k] after the residual update: hin + ((ybuf[r,0,k] + ... + ybuf[r,A-1,k]) + g * add2[r,k])
 // (rank order, as NumpyBackend.moe_combine then `out + shared`; ybuf rows are already weighted)
 __device__ __forceinline__ float updated(const float* hr, int k, int K, int r, const float* ybuf, int A,
@@ -59,6 +38,7 @@ rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int 
     float inv = 1.0f;
     if (nw) {
         float ss = 0.0f;
+#pragma unroll 4
         for (int k = threadIdx.x; k < K; k += blockDim.x) {
             const float v = updated(hr, k, K, r, ybuf, A, add2, gated, gsc);
             ss += v * v;
@@ -292,6 +272,8 @@ extern "C" __global__ void route_kernel(const float* logits, int T, int E, int A
 
 // The router of an MoE layer for token t = blockIdx.x: E logits (+ the optional one-row
 // shared-expert gate `xq`), then warp 0 routes. logits_out [T, E] and extra_out [T] may be null.
+// One block of 32 warps; a row is split into S slices of K when there are fewer rows than warps,
+// so many loads are in flight even for 8 experts; slices are summed in a fixed order.
 template <int WT>
 __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16* m, const u8* xq, const u16* xs_,
                                             const u16* xm, int K, int Kp, int gshift,
@@ -299,25 +281,34 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
                                             const float* xc, int KX, float* logits_out, float* extra_out,
                                             int E, int A, int method, int n_group, int topk_group, int norm,
                                             int ones, float scaling, int* ids, float* wts) {
-    __shared__ float lg[ROUTE_PER_LANE * 32];
+    __shared__ float lg[ROUTE_PER_LANE * 32 + 1];
+    __shared__ float part[1024];
     const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     const int ncx = KX >> 5;
     const int rows = E + (xq ? 1 : 0);
-    for (int row = warp; row < rows; row += nwarps) {
+    const int S = rows >= nwarps ? 1 : nwarps / rows;
+    const int nu = row_units(WT, K, Kp);
+    for (int task = warp; task < rows * S; task += nwarps) {
+        const int row = task / S, sl = task % S;
         const u8* qr[1]; const u16* sr[1]; const u16* mr[1];
         if (row < E) row_ptrs<1>(WT, q, s, m, row, E, K, Kp, gshift, qr, sr, mr);
         else row_ptrs<1>(WT, xq, xs_, xm, 0, 1, K, Kp, gshift, qr, sr, mr);
         float acc[1][1] = {{0.0f}};
-        dot_rows<WT, 1, 1, 4>(qr, sr, mr, K, Kp, gshift, x32 + (i64)t * ldx, ldx, xh + (i64)t * KX,
-                              xs + (i64)t * ncx, xc + (i64)t * ncx, KX, acc);
+        dot_rows<WT, 1, 1, 2>(qr, sr, mr, K, Kp, gshift, x32 + (i64)t * ldx, ldx, xh + (i64)t * KX,
+                              xs + (i64)t * ncx, xc + (i64)t * ncx, KX, acc,
+                              (int)((i64)nu * sl / S), (int)((i64)nu * (sl + 1) / S));
         const float v = warp_sum(acc[0][0]);
-        if (lane == 0) {
-            if (row < E) {
-                lg[row] = v;
-                if (logits_out) logits_out[(i64)t * E + row] = v;
-            } else if (extra_out) {
-                extra_out[t] = v;
-            }
+        if (lane == 0) part[task] = v;
+    }
+    __syncthreads();
+    for (int row = threadIdx.x; row < rows; row += blockDim.x) {
+        float v = part[row * S];
+        for (int sl = 1; sl < S; ++sl) v = v + part[row * S + sl];
+        lg[row] = v;
+        if (row < E) {
+            if (logits_out) logits_out[(i64)t * E + row] = v;
+        } else if (extra_out) {
+            extra_out[t] = v;
         }
     }
     __syncthreads();
@@ -326,7 +317,7 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
 }
 
 #define ROUTER_INST(WTN, WT) \
-    extern "C" __global__ void __launch_bounds__(256) router_##WTN( \
+    extern "C" __global__ void __launch_bounds__(1024) router_##WTN( \
         const u8* q, const u16* s, const u16* m, const u8* xq, const u16* xs_, const u16* xm, int K, int Kp, \
         int gshift, const float* x32, int ldx, const u16* xh, const float* xs, const float* xc, int KX, \
         float* logits_out, float* extra_out, int E, int A, int method, int n_group, int topk_group, int norm, \

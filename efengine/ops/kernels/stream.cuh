@@ -54,19 +54,44 @@ __device__ __forceinline__ void stream_compute(const uint4 (&w)[U][RW][WTraits<W
         const int c = lane + 32 * (U * g + u);
         if (c >= nc) continue;
         if (WTraits<WT>::Q) {
+            // x of the chunk is loaded once per token and used by all RW rows
             const int gi = c >> gshift;
+            float sc[RW], mc[RW];
 #pragma unroll
             for (int i = 0; i < RW; ++i) {
-                u32 p[16];
-                if (WT == WT_Q4) q4_decode(w[u][i][0], p);
-                else q8_decode(w[u][i][0], w[u][i][NL - 1], p);
-                const float sc = h2f(__ldg(r.s[i] + gi));
-                const float mc = WT == WT_Q4 ? h2f(__ldg(r.m[i] + gi)) + 8.0f * sc : 0.0f;
+                sc[i] = h2f(__ldg(r.s[i] + gi));
+                mc[i] = WT == WT_Q4 ? h2f(__ldg(r.m[i] + gi)) + 8.0f * sc[i] : 0.0f;
+            }
+            if (T == 1) {
+                uint4 xv[4];
+                load_xchunk(r.xh, c, ncx, xv);
+                const float xsum = WT == WT_Q4 ? __ldg(r.xs + c) : 0.0f, xinv = __ldg(r.xc + c);
+#pragma unroll
+                for (int i = 0; i < RW; ++i) {
+                    u32 p[16];
+                    if (WT == WT_Q4) q4_decode(w[u][i][0], p);
+                    else q8_decode(w[u][i][0], w[u][i][NL - 1], p);
+                    const float d = dot16(p, xv);
+                    acc[i][0] += (WT == WT_Q4 ? sc[i] * d + mc[i] * xsum : sc[i] * d) * xinv;
+                }
+            } else {
+                u32 p[RW][16];
+#pragma unroll
+                for (int i = 0; i < RW; ++i) {
+                    if (WT == WT_Q4) q4_decode(w[u][i][0], p[i]);
+                    else q8_decode(w[u][i][0], w[u][i][NL - 1], p[i]);
+                }
 #pragma unroll
                 for (int t = 0; t < T; ++t) {
-                    const float d = dot_chunk(p, r.xh + (i64)t * KX, c, ncx);
-                    const float part = WT == WT_Q4 ? sc * d + mc * __ldg(r.xs + t * ncx + c) : sc * d;
-                    acc[i][t] += part * __ldg(r.xc + t * ncx + c);
+                    uint4 xv[4];
+                    load_xchunk(r.xh + (i64)t * KX, c, ncx, xv);
+                    const float xsum = WT == WT_Q4 ? __ldg(r.xs + t * ncx + c) : 0.0f;
+                    const float xinv = __ldg(r.xc + t * ncx + c);
+#pragma unroll
+                    for (int i = 0; i < RW; ++i) {
+                        const float d = dot16(p[i], xv);
+                        acc[i][t] += (WT == WT_Q4 ? sc[i] * d + mc[i] * xsum : sc[i] * d) * xinv;
+                    }
                 }
             }
         } else {
