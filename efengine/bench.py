@@ -258,11 +258,13 @@ def table(res: dict) -> str:
     for m in res.get("models", []):
         lines.append(f"{m['model'] + ' ' + m['experts'] + '/' + m['dense']:24} {m['decode_tok_s']:12.1f} "
                      f"{100 * m['frac_resident_bound']:8.1f} {m['resident_bound_tok_s']:8.1f} "
-                     f"{m.get('prefill_tok_s', float('nan')):14.0f} {100 * m.get('frac_matmul_rate', float('nan')):9.1f}")
+                     f"{m.get('prefill_tok_s', float('nan')):14.0f} "
+                     f"{100 * m.get('frac_matmul_rate', float('nan')):9.1f}")
     for m in res.get("models", []):
         b, gb = m.get("decode_breakdown_ms"), m.get("decode_breakdown_GBps")
         if b:
-            lines.append(f"  {m['model']} step {m['decode_ms_per_token']:.2f} ms: routed experts {b['routed_experts']:.2f} ms "
+            lines.append(f"  {m['model']} step {m['decode_ms_per_token']:.2f} ms: "
+                         f"routed experts {b['routed_experts']:.2f} ms "
                          f"({gb['routed_experts']:.0f} GB/s), dense matrices {b['dense_matrices']:.2f} ms "
                          f"({gb['dense_matrices']:.0f} GB/s), the rest {b['norms_attention_routing_rest']:.2f} ms "
                          f"({m['kernels_per_step']} kernels a step)")

@@ -145,7 +145,8 @@ def test_gemv_multi_matrix_bias_and_accumulate(rng):
     bias = rng.standard_normal(48).astype(np.float32)
     base = rng.standard_normal((1, 16)).astype(np.float32)
     ys = [cp.full((1, 48), np.nan, dtype=cp.float32), cp.asarray(base), cp.full((1, 16), np.nan, dtype=cp.float32)]
-    desc = ops.gemv_desc([(Ws[0], ys[0], cp.asarray(bias), False), (Ws[1], ys[1], None, True), (Ws[2], ys[2], None, False)])
+    desc = ops.gemv_desc([(Ws[0], ys[0], cp.asarray(bias), False), (Ws[1], ys[1], None, True),
+                          (Ws[2], ys[2], None, False)])
     ops.gemv_launch(desc, Ws, 1, None, prep)
     refs = [x @ w[1].T for w in ws]
     assert rel(refs[0] + bias, cp.asnumpy(ys[0])) < TOL_Q
@@ -266,7 +267,8 @@ def test_router_kernel(rng, qtype):
 # ---- mixture of experts through the slot table ------------------------------------------------------
 
 def _random_pool(rng, D, I, E, slots, gtype, dtype, group):
-    lay, nb = expert_layout({"gate": (gtype, (I, D), group), "up": (gtype, (I, D), group), "down": (dtype, (D, I), group)})
+    lay, nb = expert_layout({"gate": (gtype, (I, D), group), "up": (gtype, (I, D), group),
+                             "down": (dtype, (D, I), group)})
     host = np.zeros((slots, nb), np.uint8)
     for s in range(slots):
         for p, t in lay.items():

@@ -27,7 +27,8 @@ def cfg_of(kind: str) -> ModelConfig:
     common = dict(vocab_size=320, hidden_size=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                   intermediate_size=0, rms_norm_eps=1e-5, rope_theta=1e6, max_position=256, moe_layers=(0, 1))
     if kind == "mixtral":
-        return ModelConfig(arch="mixtral", n_experts=8, top_k=2, moe_intermediate_size=96, norm_topk_prob=True, **common)
+        return ModelConfig(arch="mixtral", n_experts=8, top_k=2, moe_intermediate_size=96, norm_topk_prob=True,
+                           **common)
     return ModelConfig(arch="qwen2_moe", qkv_bias=True, n_experts=12, top_k=4, moe_intermediate_size=64,
                        n_shared_experts=1, shared_intermediate_size=160, shared_expert_gate=True, **common)
 
@@ -47,7 +48,9 @@ def test_model_and_decode_graph(case):
     from efengine.ops.gpu_weights import PoolExperts
     kind, experts, dense = case
     cfg = cfg_of(kind)
-    src = DeviceRandomSource(cfg, experts=experts, dense=dense, group=32, seed=int(np.random.default_rng().integers(1 << 30)))
+    seed = int(np.random.default_rng().integers(1 << 30))
+    print(f"random seed {seed}")
+    src = DeviceRandomSource(cfg, experts=experts, dense=dense, group=32, seed=seed)
     ref = Model(src, "numpy")
     pool = src.pool()
     gm = Model(src, "cupy", experts=PoolExperts(pool))

@@ -101,7 +101,8 @@ class DecodeGraph:
             self.rw = cupy.zeros((1, A), dtype=cupy.float32)
             self.hbuf = cupy.zeros((A, I), dtype=cupy.float32)
             self.ybuf = cupy.zeros((A, D), dtype=cupy.float32)
-            self.hprep = ops.XPrep(A, I, max(self.down.Kp, ops.cdiv(I, 32) * 32)) if self.down.qtype in ("q4", "q8") else None
+            quant_down = self.down.qtype in ("q4", "q8")
+            self.hprep = ops.XPrep(A, I, max(self.down.Kp, ops.cdiv(I, 32) * 32)) if quant_down else None
         F = self._ffn_width()
         if F:
             self.fbuf = cupy.zeros((1, F), dtype=cupy.float32)

@@ -66,8 +66,10 @@ __device__ __forceinline__ float dot16(const u32 p[16], const uint4 x[4]) {
 
 __device__ __forceinline__ void unpack8(int wt, const uint4 a, const uint4 b, float f[8]) {
     if (wt == WT_F32) {
-        f[0] = __uint_as_float(a.x); f[1] = __uint_as_float(a.y); f[2] = __uint_as_float(a.z); f[3] = __uint_as_float(a.w);
-        f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y); f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
+        f[0] = __uint_as_float(a.x); f[1] = __uint_as_float(a.y);
+        f[2] = __uint_as_float(a.z); f[3] = __uint_as_float(a.w);
+        f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y);
+        f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
     } else {
         const u32 w[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll

@@ -412,7 +412,8 @@ struct DownF {
         const int p = task / ngroups, row0 = (task % ngroups) * RW;
         const u8* base;
         r.ok = expert_base(ids, table, E, err, p, pool, stride, &base);
-        row_ptrs<RW>(wt, base + dq, (const u16*)(base + ds), (const u16*)(base + dm), row0, D, K, Kp, gshift, r.q, r.s, r.m);
+        row_ptrs<RW>(wt, base + dq, (const u16*)(base + ds), (const u16*)(base + dm), row0, D, K, Kp, gshift,
+                     r.q, r.s, r.m);
         r.x32 = h32 + (i64)p * ldh;
         r.xh = hxh + (i64)p * HKX;
         r.xs = hxs + (i64)p * (HKX >> 5);
