@@ -1,0 +1,157 @@
+"""Named offload policies and the expertflow two-level eviction.
+
+  ondemand    LRU eviction, load on miss, no prefetch: the baseline stall ratios are taken against.
+  pregate     LRU eviction; after layer l, layer l+1's router applied to layer l's hidden state
+              names the experts to prefetch (Mixtral-offloading style).
+  expertflow  hybrid predictor (pre-gate + routing history, learned online) over an adaptive
+              horizon S (horizon.py); two-level eviction: experts predicted inside the horizon
+              and those the current layer uses are protected, victims come from the unprotected
+              tier first, chosen by predicted next-use distance (or LRU / frequency, to compare).
+
+Every policy is lossless: it decides where weights are and when, never what is computed.
+`route_bias` (lossy, opt-in) is separate and changes routing on purpose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConfigError
+from .cache import LRU, DecayedFrequency, Eviction, _argmax, _argmin, make_eviction
+from .predict import HybridPredictor
+
+POLICIES = ("ondemand", "pregate", "expertflow")
+INNER = ("score", "lru", "freq")
+
+
+class ExpertflowEviction(Eviction):
+    """Two-level eviction driven by a predictor.
+
+    Each candidate's expected next use, in layer-steps, is T = alpha * d + L * (1/p - 1): d to its
+    layer's next execution, then a geometric wait of 1/p executions (p: predicted probability of
+    use at each). Protected: the top_k predicted experts of every layer within `horizon` layer-steps
+    (and, through the cache's pins, what the current layer uses). The victim is the unprotected
+    candidate with the largest T (inner="score"), or the least recent (lru) or least frequent
+    (freq) one; only when every candidate is protected does the largest T among them leave.
+    """
+
+    def __init__(self, predictor: HybridPredictor, horizon: int | Callable[[], int] = 8,
+                 inner: str = "score", alpha: float = 2.0, protect: bool = True, p_min: float = 0.01):
+        if inner not in INNER:
+            raise ConfigError(f"expertflow inner eviction must be one of {', '.join(INNER)}, got {inner!r}")
+        self.predictor, self.horizon, self.inner = predictor, horizon, inner
+        self.alpha, self.protect, self.p_min = alpha, protect, p_min
+        self.name = "expertflow" if inner == "score" else f"expertflow-{inner}"
+
+    def setup(self, n_layers, n_experts, n_slots):
+        super().setup(n_layers, n_experts, n_slots)
+        self.lru, self.freq = LRU(), DecayedFrequency(0.9)
+        self.lru.setup(n_layers, n_experts, n_slots)
+        self.freq.setup(n_layers, n_experts, n_slots)
+        self.P = np.full((n_layers, n_experts), 0.5)          # route head: what to protect
+        self.R = self.P                                        # reuse head: eviction ranking
+        self.d = np.full(n_layers, n_layers)
+
+    @property
+    def S(self) -> int:
+        return int(self.horizon() if callable(self.horizon) else self.horizon)
+
+    def on_access(self, layer, experts):
+        self.lru.on_access(layer, experts)
+        self.freq.on_access(layer, experts)
+        self.predictor.observe(layer, experts)
+        self.refresh(layer)
+
+    def refresh(self, layer: int, pregate: np.ndarray | None = None) -> np.ndarray:
+        """Re-predict after `layer` (with pre-gate probabilities when the hidden state is known)."""
+        self.P = self.predictor.predict(layer, pregate)
+        self.R = self.predictor.P_reuse
+        self.d = self.predictor.distances(layer)
+        return self.P
+
+    def on_load(self, layer, e, prefetch):
+        self.lru.on_load(layer, e, prefetch)
+
+    def next_use(self) -> np.ndarray:
+        """T [L*E]: expected layer-steps to each expert's next use."""
+        p = np.clip(self.R, self.p_min, 1.0)
+        return (self.alpha * self.d[:, None] + self.L * (1.0 / p - 1.0)).reshape(-1)
+
+    def predicted(self, horizon: int | None = None) -> np.ndarray:
+        """bool [L*E]: the top_k predicted experts of each layer within the horizon."""
+        S = self.S if horizon is None else horizon
+        A = self.predictor.A
+        top = np.argpartition(-self.P, A - 1, axis=1)[:, :A]
+        m = np.zeros((self.L, self.E), dtype=bool)
+        np.put_along_axis(m, top, True, axis=1)
+        m &= (self.d <= S)[:, None]
+        return m.reshape(-1)
+
+    def victim(self, candidates, resident, layer):
+        pool = candidates & ~self.predicted() if self.protect else candidates
+        T = self.next_use()
+        if not pool.any():
+            return _argmax(T, candidates)
+        if self.inner == "lru":
+            return _argmin(self.lru.last, pool)
+        if self.inner == "freq":
+            return _argmin(self.freq.f.reshape(-1), pool)
+        return _argmax(T, pool)
+
+
+@dataclass
+class Policy:
+    """A named policy: its eviction, its predictor (if any) and how it prefetches."""
+    name: str
+    eviction: Eviction
+    predictor: HybridPredictor | None = None
+    prefetch: str = "none"            # "none" | "pregate" (next layer's router) | "horizon"
+    uses_hidden: bool = False         # wants Model.on_layer to read later routers
+    params: dict = field(default_factory=dict)
+
+
+def make_policy(name: str, n_layers: int, n_experts: int, top_k: int, *,
+                horizon: int | Callable[[], int] = 8, inner: str = "score",
+                eviction: str | None = None, **kw) -> Policy:
+    """Build a named policy for a model of n_layers MoE layers, n_experts experts, top_k active."""
+    if name == "ondemand":
+        return Policy(name, make_eviction(eviction or "lru"))
+    if name == "pregate":
+        return Policy(name, make_eviction(eviction or "lru"), prefetch="pregate", uses_hidden=True)
+    if name == "expertflow":
+        pred = HybridPredictor(n_layers, n_experts, top_k, **{k: v for k, v in kw.items()
+                                                              if k in ("lr", "coact_span", "warmup")})
+        ev = ExpertflowEviction(pred, horizon, inner, **{k: v for k, v in kw.items()
+                                                         if k in ("alpha", "protect", "p_min")})
+        return Policy(name, ev, pred, prefetch="horizon", uses_hidden=True, params={"inner": inner})
+    raise ConfigError(f"unknown offload policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+def route_bias(scores: np.ndarray, ids: np.ndarray, resident: np.ndarray, margin: float) -> np.ndarray:
+    """LOSSY, opt-in: substitute resident experts for close non-resident choices.
+
+    scores [T, E] router scores (logits or probabilities: margin is in the same units), ids [T, A]
+    the router's choice, resident [E] bool. For each token, each chosen non-resident expert whose
+    score is within `margin` of an unchosen resident expert's is replaced by the best such resident
+    expert (each resident expert used once per token). Returns new ids [T, A] (a copy); the caller
+    recomputes the routing weights for the new ids. margin <= 0 returns ids unchanged.
+    """
+    scores = np.asarray(scores)
+    out = np.array(ids, dtype=np.int32, copy=True)
+    resident = np.asarray(resident, dtype=bool)
+    if margin <= 0 or resident.all():
+        return out
+    for t in range(out.shape[0]):
+        taken = set(out[t].tolist())
+        free = [e for e in np.argsort(-scores[t], kind="stable") if resident[e] and e not in taken]
+        for a in np.argsort(-scores[t, out[t]], kind="stable"):   # best choice first
+            e = int(out[t, a])
+            if resident[e] or not free:
+                continue
+            r = int(free[0])
+            if scores[t, r] >= scores[t, e] - margin:
+                out[t, a] = r
+                free.pop(0)
+    return out
