@@ -248,10 +248,11 @@ def plan_experts(cfg: ModelConfig, expert_plan: list, want: str, group: int, err
 
 def convert_gguf(src, out, experts: str = NATIVE, dense: str = NATIVE, embed: str | None = None,
                  group: int = GGUF_GROUP, progress: bool | None = None, moefy: tuple[int, int] | None = None,
-                 **moefy_options) -> Path:
+                 shared: int | None = None) -> Path:
     """Convert the GGUF file `src` into the .ef file `out` and return its path.
 
-    moefy=(E, K): split every dense FFN into E experts, K active (convert/moefy.py).
+    moefy=(E, K): split every dense FFN into E experts, K active, plus `shared` always-on neurons
+    (default: convert/moefy.py's SHARED_FRACTION of the width); see convert/moefy.py.
     """
     out = Path(out)
     prec = gguf_precisions(experts, dense, embed, group)
@@ -265,7 +266,8 @@ def convert_gguf(src, out, experts: str = NATIVE, dense: str = NATIVE, embed: st
     errs = ErrorSums.new()
     if moefy is not None:
         from .moefy import moefy_plan
-        cfg, planned, planned_experts, extra = moefy_plan(cfg, dense_plan, prec, group, errs, *moefy, **moefy_options)
+        cfg, planned, planned_experts, extra = moefy_plan(cfg, dense_plan, prec, group, errs, *moefy, shared=shared,
+                                                          files=files, progress=progress)
         meta["moefy"] = extra
     else:
         planned = plan_dense(dense_plan, prec, group, errs)
