@@ -9,6 +9,7 @@ With moefy=(E, K) a dense Llama is MoE-fied on the way (convert/moefy.py).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -248,11 +249,12 @@ def plan_experts(cfg: ModelConfig, expert_plan: list, want: str, group: int, err
 
 def convert_gguf(src, out, experts: str = NATIVE, dense: str = NATIVE, embed: str | None = None,
                  group: int = GGUF_GROUP, progress: bool | None = None, moefy: tuple[int, int] | None = None,
-                 shared: int | None = None) -> Path:
+                 shared: int | None = None, generation: dict | None = None) -> Path:
     """Convert the GGUF file `src` into the .ef file `out` and return its path.
 
     moefy=(E, K): split every dense FFN into E experts, K active, plus `shared` always-on neurons
     (default: convert/moefy.py's SHARED_FRACTION of the width); see convert/moefy.py.
+    generation: sampling defaults merged into the embedded generation_config.json (HF keys).
     """
     out = Path(out)
     prec = gguf_precisions(experts, dense, embed, group)
@@ -262,6 +264,9 @@ def convert_gguf(src, out, experts: str = NATIVE, dense: str = NATIVE, embed: st
     family = ARCHES[g.arch][0] if cfg.arch != "mixtral" else "mixtral"
     dense_plan, expert_plan = plan_gguf(g, cfg)
     files = tokenizer_files(g)
+    if generation and files:
+        gen = json.loads(files["generation_config.json"])
+        files["generation_config.json"] = json.dumps({**gen, **generation}, indent=1).encode()
     meta = _meta(g, prec, group, files)
     errs = ErrorSums.new()
     if moefy is not None:
