@@ -228,6 +228,16 @@ class ExpertCache:
             self.free.append(self._drop(evicted))
         return self._take(f, self.free.pop(), evicted, prefetch)
 
+    def peek_victim(self, layer: int, protect: np.ndarray | None = None) -> int:
+        """What allocate would do now, without doing it: -1 a free slot, -2 nothing possible,
+        else the flat id it would evict."""
+        if self.free and not self.eviction.over_quota(self.resident, layer):
+            return -1
+        cand = self.evictable(protect)
+        if not cand.any():
+            return -1 if self.free else -2
+        return self.eviction.victim(cand, self.resident, layer)
+
     def _take(self, f: int, slot: int, evicted: int, prefetch: bool) -> tuple[int, int]:
         self.owner[slot] = f
         self.slot_of[f] = slot

@@ -1,0 +1,292 @@
+"""OffloadRuntime: the ExpertProvider (efengine/experts.py) that keeps experts in a budgeted device
+cache and loads / prefetches them from the host store.
+
+Legend: T tokens in a step, A active experts per token, L MoE layers (index i; `store.layers[i]` is
+the model's layer number), E experts per layer, S horizon (layers ahead).
+
+Per MoE layer (model.py calls begin_layer -> consumes every yielded expert -> end_layer ->
+on_layer(layer, hidden)):
+  begin_layer  count hits / late prefetches / misses, tell the policy (the predictor learns from
+               this routing), pin the layer's experts, start demand copies of the misses, then
+               yield resident experts first and wait only on the events of the misses, one at a
+               time, as the model asks for the next expert (its compute overlaps those copies).
+               A yielded expert is unpinned: it may leave if later misses of this layer need room.
+  end_layer    tick += 1; policies without hidden states plan their prefetches here
+  on_layer     pregate / expertflow apply later layers' routers to the hidden state, predict,
+               size the horizon and queue prefetches (priority by deadline, then probability).
+The runtime decides only where weights are and when: results equal the all-resident run bit for
+bit, whatever the policy or budget.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError, EfError
+from ..experts import ExpertProvider
+from .cache import ExpertCache
+from .horizon import Horizon
+from .policy import make_policy
+from .predict import pregate_probs, pregate_topk
+from .prefetch import ThreadEngine, VirtualClock, VirtualEngine
+from .stats import OffloadStats
+from .store import HostStore, NullStore
+
+
+def resolve_slots(store, slots: int | None = None, fraction: float | None = None,
+                  budget_bytes: int | None = None) -> int:
+    """Slots from exactly one of: a count, a fraction of all experts, a byte budget."""
+    given = [x is not None for x in (slots, fraction, budget_bytes)]
+    total = store.L * store.E
+    if sum(given) > 1:
+        raise ConfigError("offload: give one of slots, fraction or budget_bytes")
+    if slots is not None:
+        n = int(slots)
+    elif fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"offload: cache fraction must be in (0, 1], got {fraction}")
+        n = int(fraction * total)
+    elif budget_bytes is not None:
+        n = int(budget_bytes) // store.blob_nbytes
+    else:
+        n = total
+    if n < 1:
+        raise ConfigError(f"offload: the expert budget holds no expert (one needs {store.blob_nbytes} bytes)")
+    return min(n, total)
+
+
+class OffloadRuntime(ExpertProvider):
+    """Offloaded experts behind the ExpertProvider protocol.
+
+    OffloadRuntime(source, backend="numpy", policy="expertflow", slots=|fraction=|budget_bytes=,
+                   engine=None (a copy thread), max_inflight=4, host_bytes=0,
+                   backlog_layers=1.0 (prefetch only into the copy time of that many layers of compute),
+                   p_prefetch=0.3 (expertflow: least predicted probability worth a copy), **policy options)
+    then `runtime.attach(model)` so pre-gating policies see hidden states.
+    """
+
+    def __init__(self, source=None, backend="numpy", *, policy: str = "expertflow",
+                 slots: int | None = None, fraction: float | None = None, budget_bytes: int | None = None,
+                 store=None, pool=None, engine=None, max_inflight: int = 4, host_bytes: int = 0,
+                 backlog_layers: float = 1.0, p_prefetch: float = 0.3, keep_log: bool = True, **policy_kw):
+        self.store = store if store is not None else HostStore(source, host_bytes=host_bytes)
+        st = self.store
+        self.n_slots = resolve_slots(st, slots, fraction, budget_bytes)
+        self.backend = backend if not isinstance(backend, str) else _backend(backend)
+        n_model_layers = source.config.n_layers if source is not None else st.L
+        self.pool = pool if pool is not None else _make_pool(self.backend, source, st, self.n_slots, n_model_layers)
+        self.engine = engine if engine is not None else ThreadEngine()
+        self.clock = self.engine.clock
+        self.horizon = Horizon(st.L, self.n_slots, st.A, st.blob_nbytes)
+        self.policy = make_policy(policy, st.L, st.E, st.A, horizon=self.horizon, **policy_kw)
+        self.cache = ExpertCache(self.n_slots, st.L, st.E, self.policy.eviction)
+        self.stats = OffloadStats(keep_log=keep_log)
+        from .prefetch import Prefetcher
+        self.prefetcher = Prefetcher(self.cache, self.pool, st, self.engine, self.stats,
+                                     max_inflight=max_inflight, on_copy=self.horizon.observe_copy)
+        self.backlog_layers, self.p_prefetch = backlog_layers, p_prefetch
+        self.model = None
+        self._chained = None
+        self.tick = 0                 # MoE layer executions so far
+        self.T = 1
+        self._t_prev = None
+        self._stall_prev = 0.0
+        self._late_predicted = 0
+        self._step_marks = (0, 0)
+
+    # ---- wiring --------------------------------------------------------------------------------
+    def attach(self, model) -> "OffloadRuntime":
+        """Let pre-gating policies read hidden states (chains any on_layer hook already set)."""
+        if getattr(model, "experts", None) is not self:
+            raise ConfigError("attach: build the model with experts=this runtime first")
+        self.model, self._chained = model, model.on_layer
+        model.on_layer = self.on_layer
+        return self
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # ---- ExpertProvider ------------------------------------------------------------------------
+    def begin_step(self, positions) -> None:
+        self.T = int(np.asarray(positions).size)
+        self.stats.begin_step(self.T, self.clock.now())
+        if self.policy.predictor is not None:
+            self.policy.predictor.begin_step()
+        self._t_prev = None
+        self._late_predicted = 0
+        self._step_marks = (self.stats.prefetch_wasted, self.stats.prefetch_used)
+
+    def begin_layer(self, layer: int, ids):
+        i = self.store.index.get(layer)
+        if i is None:
+            raise EfError(f"offload runtime: layer {layer} has no routed experts")
+        self._time_layer()
+        keys = [int(e) for e in np.unique(np.asarray(ids))]
+        cache, pf = self.cache, self.prefetcher
+        pf.poll()
+        flat = i * cache.E + np.asarray(keys)
+        self.stats.prefetch_used += int(cache.prefetched[flat].sum())
+        ready = [e for e in keys if cache.is_ready(i, e)]
+        late = [e for e in keys if pf.in_flight(i, e)]
+        missing = [e for e in keys if not cache.is_present(i, e)]
+        self.stats.hits += len(ready)
+        self.stats.late += len(late)
+        self.stats.misses += len(missing)
+        self.horizon.observe_misses(len(missing))
+        self._late_predicted += len(late) + sum(1 for e in missing if i * cache.E + e in pf.requests)
+        cache.access(i, keys)
+        cache.pin(i, keys)
+        waiting, deferred = list(late), []
+        for e in missing:
+            (waiting if pf.load(i, e) else deferred).append(e)
+        return self._serve(i, layer, ready, waiting, deferred)
+
+    def _serve(self, i: int, layer: int, ready: list, waiting: list, deferred: list):
+        cache, pf = self.cache, self.prefetcher
+        for e in ready:
+            yield e, self.pool.handle(layer, e)
+            cache.unpin(i, [e])
+        while waiting or deferred:
+            still = []
+            for e in deferred:
+                (waiting if pf.load(i, e) else still).append(e)
+            deferred = still
+            if not waiting:
+                if not pf.inflight:
+                    raise EfError(f"offload runtime: no slot can be freed for layer {layer}")
+                self.stats.stall_s += pf.wait_any()        # a slot frees when a copy lands
+                continue
+            pf.poll()
+            e = next((x for x in waiting if cache.is_ready(i, x)), waiting[0])
+            waiting.remove(e)
+            if not cache.is_ready(i, e):
+                self.stats.stall_s += pf.wait(i, e)
+            yield e, self.pool.handle(layer, e)
+            cache.unpin(i, [e])
+
+    def end_layer(self, layer: int) -> None:
+        i = self.store.index[layer]
+        self.cache.unpin()
+        self.tick += 1
+        if self.model is None or not self.policy.uses_hidden:
+            self._plan(i, None)
+
+    def on_layer(self, layer: int, hidden) -> None:
+        i = self.store.index.get(layer)
+        if i is not None and self.policy.uses_hidden:
+            self._plan(i, hidden)
+        if self._chained is not None:
+            self._chained(layer, hidden)
+
+    def end_step(self) -> None:
+        s = self.stats
+        wasted, used = s.prefetch_wasted - self._step_marks[0], s.prefetch_used - self._step_marks[1]
+        S = self.horizon.end_step(self._late_predicted, wasted, used)
+        s.end_step(self.clock.now(), horizon=S, occupancy=self.cache.occupancy())
+
+    # ---- planning ------------------------------------------------------------------------------
+    def _time_layer(self) -> None:
+        """T_l: time from one MoE layer's start to the next, stall excluded."""
+        now = self.clock.now()
+        if self._t_prev is not None:
+            self.horizon.observe_layer(now - self._t_prev - (self.stats.stall_s - self._stall_prev), self.T)
+        self._t_prev, self._stall_prev = now, self.stats.stall_s
+
+    def _router_probs(self, i: int, hidden) -> np.ndarray:
+        logits = self.model.router_logits(self.store.layers[i], hidden)
+        return np.asarray(self.backend.to_host(logits), dtype=np.float64)
+
+    def _plan(self, i: int, hidden) -> None:
+        kind = self.policy.prefetch
+        if kind == "pregate" and hidden is not None and i + 1 < self.store.L:
+            for e in pregate_topk(self._router_probs(i + 1, hidden), self.store.A):
+                if not self.cache.is_present(i + 1, int(e)):
+                    self.prefetcher.request(i + 1, int(e), self.tick)
+            self.prefetcher.pump(self.tick, max_backlog=self._backlog_bytes())
+        elif kind == "horizon":
+            self._plan_horizon(i, hidden)
+
+    def _plan_horizon(self, i: int, hidden) -> None:
+        ev, st, S = self.policy.eviction, self.store, self.horizon.value
+        if hidden is not None:
+            pg = np.full((st.L, st.E), np.nan)
+            for l2 in range(i + 1, min(st.L, i + 1 + S)):
+                pg[l2] = pregate_probs(self._router_probs(l2, hidden), st.A)
+            ev.refresh(i, pg)
+        P, d = ev.P, ev.d
+        absent = ~self.cache.resident.reshape(st.L, st.E)
+        within = d <= S
+        self.horizon.set_expected(float((P * absent)[within].sum()) / max(int(within.sum()), 1))
+        protect = ev.predicted(S)
+        want = protect.reshape(st.L, st.E) & absent & (P >= self._p_admit())
+        for l2, e in np.argwhere(want):
+            self.prefetcher.request(int(l2), int(e), self.tick + int(d[l2]) - 1, -float(P[l2, e]))
+        T = ev.next_use()
+        self.prefetcher.pump(self.tick, protect=protect, worth=lambda f, v: v < 0 or T[f] < T[v],
+                             max_backlog=self._backlog_bytes())
+
+    def _p_admit(self) -> float:
+        """Least predicted probability worth a speculative copy: a copy that is not used costs the
+        demand misses queued behind it, so when misses alone load the copy engine by a factor rho
+        a prediction must be right with probability ~rho (bounded to [p_prefetch, 0.9])."""
+        rho = self.horizon.load_factor()
+        return self.p_prefetch if rho is None else min(0.9, max(self.p_prefetch, rho))
+
+    def _backlog_bytes(self) -> int | None:
+        """Copy bytes that fit in `backlog_layers` layers of compute at the measured bandwidth:
+        prefetches fill idle copy time instead of delaying the next layer's demand loads."""
+        h = self.horizon
+        t_l = h.layer_s.get(h.batch)
+        if h.bw is None or not t_l:
+            return None
+        return max(self.store.blob_nbytes, int(self.backlog_layers * t_l * h.bw))
+
+    # ---- reports -------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        out = self.stats.summary()
+        out.update(policy=self.policy.name, slots=self.n_slots, blob_bytes=self.store.blob_nbytes,
+                   horizon=self.horizon.value)
+        if self.policy.predictor is not None:
+            out["prediction_recall_by_distance"] = self.policy.predictor.accuracy_by_distance()
+        return out
+
+
+def _backend(name: str):
+    from ..ops import get_backend
+    return get_backend(name)
+
+
+def _make_pool(backend, source, store, n_slots: int, n_model_layers: int):
+    if getattr(backend, "name", "numpy") == "cupy":
+        from ..ops.gpu_weights import ExpertLayout, ExpertPool
+        return ExpertPool(ExpertLayout.of(source), n_slots, n_model_layers, store.E)
+    from .pool import SimDevicePool
+    return SimDevicePool(store, n_slots, n_model_layers)
+
+
+def replay_trace(trace, policy: str = "ondemand", *, fraction: float = 0.5, blob_nbytes: int = 94_000_000,
+                 bandwidth: float = 55e9, layer_s: float = 75e-6, max_inflight: int = 4,
+                 tokens: int | None = None, **policy_kw) -> dict:
+    """Timed replay of a routing trace through the runtime on a virtual clock (no weights).
+
+    Each layer computes for layer_s (split evenly over its experts, so resident-first ordering
+    overlaps copies); copies take blob_nbytes / bandwidth on one FIFO copy queue. Pre-gate policies
+    have no hidden states here: pregate never prefetches and expertflow is history-only."""
+    store = NullStore(trace.n_layers, trace.n_experts, trace.top_k, blob_nbytes)
+    engine = VirtualEngine(bandwidth, clock=VirtualClock())
+    rt = OffloadRuntime(None, "numpy", policy=policy, fraction=fraction, store=store, engine=engine,
+                        max_inflight=max_inflight, keep_log=False, **policy_kw)
+    n = trace.n_tokens if tokens is None else min(tokens, trace.n_tokens)
+    pos = np.zeros(1, dtype=np.int64)
+    for t in range(n):
+        rt.begin_step(pos)
+        for l in range(trace.n_layers):
+            ids = trace.experts[t, l][None, :]
+            k = len(np.unique(ids))
+            engine.clock.advance(layer_s / 2)                   # attention and router
+            for _ in rt.begin_layer(l, ids):
+                engine.clock.advance(layer_s / 2 / k)
+            rt.end_layer(l)
+        rt.end_step()
+    out = rt.summary()
+    out["time_per_token_s"] = round(engine.clock.now() / max(n, 1), 6)
+    return out
