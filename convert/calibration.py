@@ -48,7 +48,8 @@ PARAGRAPHS = [
 
 CHATS = [
     ("What is the largest planet in the solar system?",
-     "The largest planet in the solar system is Jupiter. It is a gas giant more than eleven times as wide as the Earth."),
+     "The largest planet in the solar system is Jupiter. It is a gas giant more than eleven times as wide "
+     "as the Earth."),
     ("Can you give me a tip for sleeping better?",
      "Try to go to bed and get up at the same time every day, and keep your bedroom cool, dark and quiet."),
     ("How many legs does a spider have?",

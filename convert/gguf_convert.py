@@ -91,7 +91,8 @@ def _layer_experts(g: GgufFile, cfg: ModelConfig, l: int, used: set) -> list[dic
             name = f"blk.{l}.{stem}.{e}.weight"
             t = g.tensor(name)    # CheckpointError names it when absent
             if t.shape != shapes[part]:
-                raise CheckpointError(f"{g.path}: tensor {name} has shape {list(t.shape)}, expected {list(shapes[part])}")
+                raise CheckpointError(f"{g.path}: tensor {name} has shape {list(t.shape)}, "
+                                      f"expected {list(shapes[part])}")
             used.add(name)
             out[e][part] = t
     return out

@@ -132,7 +132,8 @@ class GgufTensor:
     def reshaped(self, shape: tuple) -> "GgufTensor":
         if int(np.prod(shape)) != int(np.prod(self.shape)):
             raise CheckpointError(f"GGUF tensor {self.name}: shape {self.shape} cannot become {shape}")
-        return GgufTensor(self.name, self.gtype, tuple(shape), self.data.reshape(-1) if len(shape) == 1 else self.data, self.rows)
+        data = self.data.reshape(-1) if len(shape) == 1 else self.data
+        return GgufTensor(self.name, self.gtype, tuple(shape), data, self.rows)
 
 
 def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -182,7 +183,8 @@ class GgufFile:
     def need(self, key: str):
         v = self.get(key)
         if v is None:
-            raise CheckpointError(f"{self.path}: GGUF metadata lacks {key.lstrip('.') if not key.startswith('.') else self.arch + key}")
+            full = self.arch + key if key.startswith(".") else key
+            raise CheckpointError(f"{self.path}: GGUF metadata lacks {full}")
         return v
 
     def names(self) -> list[str]:

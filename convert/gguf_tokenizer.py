@@ -146,8 +146,9 @@ def tokenizer_files(g: GgufFile) -> dict[str, bytes]:
     if add_bos and template and bos in template:
         add_bos = False
     if add_bos:
+        bos_id = int(g.get("tokenizer.ggml.bos_token_id"))
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, int(g.get("tokenizer.ggml.bos_token_id")))])
+                                                           special_tokens=[(bos, bos_id)])
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
            "unk_token": _token(tokens, "tokenizer.ggml.unknown_token_id", g),
            "pad_token": _token(tokens, "tokenizer.ggml.padding_token_id", g),

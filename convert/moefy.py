@@ -25,9 +25,10 @@ import numpy as np
 
 from efengine.config import ModelConfig
 from efengine.errors import ConfigError
-from efmodels.base import DENSE, ROUTER
+from efmodels.base import DENSE, EXPERTS, ROUTER
 
 from . import calibration
+from .gguf_convert import PlannedExperts, encode, plan_dense, stored_type
 from .gguf_reader import GgufTensor
 
 RIDGE = 1.0          # router fit: ridge relative to the mean eigenvalue of X^T X (docs/demo.md)
@@ -223,7 +224,8 @@ def calibration_sequences(files: dict, vocab: int) -> tuple[list[list[int]], str
     return seqs, "efconvert/calibration.py (English paragraphs and chats)"
 
 
-def ffn_inputs(cfg: ModelConfig, tensors: dict, seqs: list[list[int]], progress: bool | None) -> list[np.ndarray]:
+def ffn_inputs(cfg: ModelConfig, tensors: dict, seqs: list[list[int]],
+               progress: bool | None) -> list[np.ndarray]:
     """[T, D] inputs of every layer's FFN (after its norm) while the dense model reads seqs."""
     from efengine.model import Model
     model = Model(_DenseSource(cfg, tensors))
@@ -253,7 +255,8 @@ def moefied_config(cfg: ModelConfig, E: int, K: int, shared: int) -> ModelConfig
         raise ConfigError(f"--moefy {E} --top-k {K}: need 1 <= top-k <= experts")
     F = cfg.intermediate_size
     if not 0 <= shared < F or (F - shared) % E:
-        raise ConfigError(f"--moefy {E}: the FFN width {F} minus {shared} shared neurons is not a multiple of {E}")
+        raise ConfigError(f"--moefy {E}: the FFN width {F} minus {shared} shared neurons "
+                          f"is not a multiple of {E}")
     return replace(cfg, moe_layers=tuple(range(cfg.n_layers)), n_experts=E, top_k=K,
                    moe_intermediate_size=(F - shared) // E, intermediate_size=0, moe_weighting="ones",
                    norm_topk_prob=False, routed_scaling_factor=1.0, n_shared_experts=1 if shared else 0,
@@ -268,7 +271,6 @@ def moefy_plan(cfg: ModelConfig, dense_plan: list, prec: dict, group: int, errs,
     dense_plan: (canonical name, class, tensor) of the dense model; shared: neurons of the
     always-on shared expert (default SHARED_FRACTION of the FFN width, rounded to whole experts).
     """
-    from .gguf_convert import PlannedExperts, plan_dense, stored_type
     F = cfg.intermediate_size
     if shared is None:
         shared = default_shared(F, E)
@@ -291,20 +293,20 @@ def moefy_plan(cfg: ModelConfig, dense_plan: list, prec: dict, group: int, errs,
                       (f"blk.{l}.ffn_up_shexp.weight", DENSE, take_rows(u, sh, "shared up")),
                       (f"blk.{l}.ffn_down_shexp.weight", DENSE,
                        FloatTensor("shared down", np.ascontiguousarray(d.float32()[:, sh]), mixed_nearest(d)))]
-    planned = plan_dense(keep + extra, prec, group, errs)
-    return new, planned, _experts(new, tensors, splits, prec, group, errs, stored_type, PlannedExperts), {
-        "experts": E, "top_k": K, "shared_neurons": shared, "ffn_width": F, "weighting": "ones",
-        "clustering": "balanced k-means of neuron co-activation", "router": f"least squares of expert output norms (ridge {ridge})",
-        "calibration": source, "calibration_tokens": int(sum(map(len, seqs)))}
+    meta = {"experts": E, "top_k": K, "shared_neurons": shared, "ffn_width": F, "weighting": "ones",
+            "clustering": "balanced k-means of neuron co-activation",
+            "router": f"least squares of expert output norms (ridge {ridge})",
+            "calibration": source, "calibration_tokens": int(sum(map(len, seqs)))}
+    return new, plan_dense(keep + extra, prec, group, errs), _experts(new, tensors, splits, prec, group, errs), meta
 
 
-def _experts(cfg, tensors, splits, prec, group, errs, stored_type, PlannedExperts):
-    from .gguf_convert import encode
-    from efmodels.base import EXPERTS
+def _experts(cfg: ModelConfig, tensors: dict, splits: list, prec: dict, group: int, errs) -> PlannedExperts:
+    """Experts of every layer: gate/up rows copied as stored, down columns gathered and stored."""
     l0 = {p: tensors[f"blk.0.ffn_{p}.weight"] for p in ("gate", "up", "down")}
     g0 = splits[0][1][0]
+    zeros = np.zeros((cfg.hidden_size, len(g0)), np.float32)
     sample = {"gate": take_rows(l0["gate"], g0, "gate"), "up": take_rows(l0["up"], g0, "up"),
-              "down": FloatTensor("down", np.zeros((cfg.hidden_size, len(g0)), np.float32), mixed_nearest(l0["down"]))}
+              "down": FloatTensor("down", zeros, mixed_nearest(l0["down"]))}
     specs = {}
     for p, t in sample.items():
         qtype, grp = stored_type(t, prec[EXPERTS], group)
@@ -320,5 +322,6 @@ def _experts(cfg, tensors, splits, prec, group, errs, stored_type, PlannedExpert
                  "down": FloatTensor(f"blk.{i} expert {e} down", np.ascontiguousarray(cache["down"][:, ids]),
                                      sample["down"].nearest)}
         return {p: encode(t, specs[p][0], specs[p][2], EXPERTS, errs) for p, t in parts.items()}
-    src = sum(int(tensors[f"blk.{l}.ffn_{p}.weight"].data.nbytes) for l in range(cfg.n_layers) for p in ("gate", "up", "down"))
+    src = sum(int(tensors[f"blk.{l}.ffn_{p}.weight"].data.nbytes)
+              for l in range(cfg.n_layers) for p in ("gate", "up", "down"))
     return PlannedExperts(tuple(cfg.moe_layers), cfg.n_experts, specs, produce, src)

@@ -85,8 +85,8 @@ def hf_llama(cfg, state: dict | None, width: int | None = None):
     model = transformers.LlamaForCausalLM(hc).eval()
     if state is None:
         return model
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()},
-                                                strict=False)
+    tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     model.tie_weights()
     return model

@@ -209,12 +209,12 @@ def test_missing_and_extra_tensors(tmp_path):
     bad = gguf_tiny.from_hf(folder, tmp_path / "bad.gguf", edit=lambda t: t.pop("blk.1.attn_k.weight"))
     with pytest.raises(CheckpointError, match="blk.1.attn_k.weight"):
         convert_gguf(bad, tmp_path / "o.ef", progress=False)
-    extra = gguf_tiny.from_hf(folder, tmp_path / "extra.gguf",
-                              edit=lambda t: t.update({"blk.0.surprise.weight": (np.zeros((2, 2), np.float32), GT.F32)}))
+    zeros = (np.zeros((2, 2), np.float32), GT.F32)
+    extra = gguf_tiny.from_hf(folder, tmp_path / "extra.gguf", edit=lambda t: t.update({"blk.0.surprise.w": zeros}))
     with pytest.raises(CheckpointError, match="surprise"):
         convert_gguf(extra, tmp_path / "o.ef", progress=False)
-    shaped = gguf_tiny.from_hf(folder, tmp_path / "shape.gguf",
-                               edit=lambda t: t.update({"blk.0.attn_v.weight": (np.zeros((8, 64), np.float32), GT.F32)}))
+    wrong = (np.zeros((8, 64), np.float32), GT.F32)
+    shaped = gguf_tiny.from_hf(folder, tmp_path / "shape.gguf", edit=lambda t: t.update({"blk.0.attn_v.weight": wrong}))
     with pytest.raises(CheckpointError, match=r"blk.0.attn_v.weight has shape \[8, 64\]"):
         convert_gguf(shaped, tmp_path / "o.ef", progress=False)
     assert not (tmp_path / "o.ef").exists()
