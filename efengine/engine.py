@@ -148,6 +148,8 @@ class Engine:
             self.n_ctx = self._context(n_ctx)
             experts = self._expert_provider(backend)
             self.model = Model(self.ef, backend=backend, experts=experts)
+            if hasattr(experts, "attach"):      # the offload runtime reads hidden states to pre-gate
+                experts.attach(self.model)
             self._load_tokenizer()
             self.sampling_defaults = sampling_defaults(self.ef.file("generation_config.json"))
         except BaseException:
@@ -398,6 +400,9 @@ class Engine:
             self._stop_active()
             self.closed = True
             self._cache = None
+            close = getattr(getattr(self.model, "experts", None), "close", None)
+            if close is not None:               # stops the offload runtime's copy thread
+                close()
             self.model = None
             self.ef.close()
 

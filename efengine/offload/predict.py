@@ -167,6 +167,10 @@ class HybridPredictor:
         p = np.clip(X[..., 5], 0.0, 1.0)                     # decayed frequency (0.9)
         return np.where(X[..., 10] > 0, np.clip(X[..., 9], 0.0, 1.0), p)
 
+    def reset_accuracy(self) -> None:
+        self.acc_hits[:] = 0
+        self.acc_total[:] = 0
+
     def accuracy_by_distance(self) -> dict[int, float]:
         """Top-A recall of the predictions made d layer-steps ahead (d -> fraction)."""
         return {d: round(float(self.acc_hits[d] / self.acc_total[d]), 4)

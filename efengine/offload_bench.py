@@ -1,0 +1,131 @@
+"""`python -m efengine.offload_bench`: replay routing traces through the cache simulators (CPU only).
+
+For each trace and cache size: misses per decoded token of
+  ondemand (global LRU), freq (decayed frequency, pool-wide), layer-freq (decayed frequency within
+  each layer), expertflow (history-only hybrid predictor + two-level eviction; -lru / -freq: other
+  orders within its unprotected tier), foresight-S (perfect knowledge of the next S layer-steps),
+  belady (offline optimum),
+and the transfer time those misses cost at a given expert size and copy bandwidth (the oracle
+offload bound uses Belady's). `--timed` also replays ondemand / expertflow on a virtual clock with a
+compute time per layer (stall and time per token, prefetching included).
+JSON goes to stdout, a table to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import EfError
+from .offload.cache import LRU, DecayedFrequency, LayerFrequency
+from .offload.policy import make_policy
+from .offload.runtime import replay_trace
+from .offload.sim import Belady, Foresight, simulate, slots_for
+from .offload.trace import load
+
+
+def evictions(trace, names: list[str], foresight: list[int]):
+    L, E, A = trace.n_layers, trace.n_experts, trace.top_k
+    out = {"ondemand": lambda: LRU(), "freq": lambda: DecayedFrequency(0.9),
+           "layer-freq": lambda: LayerFrequency(0.9),
+           "expertflow": lambda: make_policy("expertflow", L, E, A).eviction,
+           "expertflow-lru": lambda: make_policy("expertflow", L, E, A, inner="lru").eviction,
+           "expertflow-freq": lambda: make_policy("expertflow", L, E, A, inner="freq").eviction,
+           "belady": lambda: Belady(trace)}
+    for s in foresight:
+        out[f"foresight-{s}"] = (lambda s=s: Foresight(trace, s))
+    return {n: out[n] for n in names + [f"foresight-{s}" for s in foresight]}
+
+
+def bench_trace(name: str, caches: list[float], *, policies: list[str], foresight: list[int],
+                expert_bytes: int, bandwidth: float, timed: bool, layer_s: float, tokens: int | None) -> dict:
+    trace = load(name)
+    if tokens:
+        trace = trace.head(tokens)
+    ms_per_miss = expert_bytes / bandwidth * 1e3
+    res = {"trace": trace.name, "tokens": trace.n_tokens, "skipped_tokens": trace.skipped,
+           "layers": trace.n_layers, "experts": trace.n_experts, "top_k": trace.top_k,
+           "expert_bytes": expert_bytes, "bandwidth_gbps": bandwidth / 1e9,
+           "ms_per_miss": round(ms_per_miss, 4), "caches": []}
+    for frac in caches:
+        slots = slots_for(frac, trace)
+        row = {"cache": frac, "slots": slots, "misses_per_token": {}, "transfer_ms_per_token": {}}
+        for pname, make in evictions(trace, policies, foresight).items():
+            r = simulate(trace, slots, make())
+            row["misses_per_token"][pname] = round(r.misses_per_token, 3)
+            row["transfer_ms_per_token"][pname] = round(r.misses_per_token * ms_per_miss, 3)
+        if timed:
+            row["timed"] = {p: {k: v for k, v in replay_trace(trace, p, fraction=frac, blob_nbytes=expert_bytes,
+                                                              bandwidth=bandwidth, layer_s=layer_s).items()
+                                if k in ("misses_per_token", "late", "stall_per_token_s", "time_per_token_s",
+                                         "prefetch_issued", "prefetch_used", "prefetch_wasted", "horizon")}
+                            for p in ("ondemand", "expertflow")}
+        res["caches"].append(row)
+    return res
+
+
+def table(res: dict) -> str:
+    names = list(res["caches"][0]["misses_per_token"]) if res["caches"] else []
+    lines = [f"{res['trace']}: {res['tokens']} tokens, misses per token "
+             f"(x {res['ms_per_miss']:.2f} ms/miss = transfer bound)",
+             "cache  slots  " + "  ".join(f"{n:>15}" for n in names)]
+    for row in res["caches"]:
+        lines.append(f"{row['cache']:>5.0%}  {row['slots']:>5}  "
+                     + "  ".join(f"{row['misses_per_token'][n]:>15.2f}" for n in names))
+        for p, t in row.get("timed", {}).items():
+            lines.append(f"       timed {p:>10}: {t['time_per_token_s'] * 1e3:8.2f} ms/token, "
+                         f"stall {t['stall_per_token_s'] * 1e3:8.2f} ms/token, misses {t['misses_per_token']:.2f}, "
+                         f"prefetches {t['prefetch_issued']} (used {t['prefetch_used']})")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m efengine.offload_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", default="gsm8k_2", help="trace names or paths, comma-separated "
+                    "(names are looked up in the shared trace folder)")
+    ap.add_argument("--cache", default="0.25,0.5,0.75", help="cache sizes as fractions of all experts")
+    ap.add_argument("--policies", default="ondemand,freq,layer-freq,expertflow,expertflow-lru,expertflow-freq,belady")
+    ap.add_argument("--foresight", default="8", help="foresight horizons S (layer-steps), comma-separated")
+    ap.add_argument("--expert-mb", type=float, default=94.0, help="bytes per expert in MB (Mixtral int4: 94)")
+    ap.add_argument("--bandwidth-gbps", type=float, default=55.0, help="host->GPU copy bandwidth (GB/s)")
+    ap.add_argument("--timed", action="store_true", help="also replay on a virtual clock (stall, time per token)")
+    ap.add_argument("--layer-us", type=float, default=75.0, help="compute time per layer for --timed (us)")
+    ap.add_argument("--tokens", type=int, default=None, help="only the first N tokens of each trace")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        caches = [float(x) for x in a.cache.split(",") if x]
+        foresight = [int(x) for x in a.foresight.split(",") if x]
+        policies = [p for p in a.policies.split(",") if p]
+    except ValueError as e:
+        print(f"error: bad --cache / --foresight list ({e})", file=sys.stderr)
+        return 2
+    known = {"ondemand", "freq", "layer-freq", "expertflow", "expertflow-lru", "expertflow-freq", "belady"}
+    bad = [p for p in policies if p not in known] + [f"cache {c}" for c in caches if not 0 < c <= 1]
+    if bad:
+        print(f"error: unknown policies or bad cache sizes: {', '.join(map(str, bad))} "
+              f"(policies: {', '.join(sorted(known))}; caches in (0, 1])", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    out = {"benchmark": "offload_traces", "results": []}
+    try:
+        for name in [t for t in a.trace.split(",") if t]:
+            res = bench_trace(name, caches, policies=policies, foresight=foresight,
+                              expert_bytes=int(a.expert_mb * 1e6), bandwidth=a.bandwidth_gbps * 1e9,
+                              timed=a.timed, layer_s=a.layer_us * 1e-6, tokens=a.tokens)
+            out["results"].append(res)
+            print(table(res), file=sys.stderr)
+    except EfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The offload runtime is lossless: whatever the policy, budget or copy timing, a tiny model's
+logits equal the all-resident run bit for bit (numpy). Also: its bookkeeping, stats and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from efengine.errors import ConfigError  # noqa: E402
+from efengine.format import EfFile  # noqa: E402
+from efengine.model import Model  # noqa: E402
+from efengine.offload import OffloadRuntime, build_provider  # noqa: E402
+from efengine.offload.prefetch import ThreadEngine, VirtualEngine  # noqa: E402
+
+
+def generate(model, steps=5):
+    """Prefill 9 tokens, then greedy decode: all logits [9 + steps, V]."""
+    cache = model.new_cache(32)
+    out = [model.forward(np.array([5, 17, 3, 99, 42, 8, 64, 1, 23]), cache)]
+    for _ in range(steps):
+        out.append(model.forward(np.array([int(out[-1][-1].argmax())]), cache))
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ef):
+    """family -> (EfFile, resident logits)."""
+    out = {}
+    for fam, experts in (("mixtral", "q4"), ("qwen2_moe", "f32"), ("deepseek_v2", "q8")):
+        ef = EfFile(tiny_ef(fam, experts=experts))
+        out[fam] = (ef, generate(Model(ef, "numpy")))
+    return out
+
+
+def offloaded(ef, policy, slots, engine=None, **kw):
+    rt = OffloadRuntime(ef, "numpy", policy=policy, slots=slots, engine=engine, **kw)
+    model = Model(ef, "numpy", experts=rt)
+    rt.attach(model)
+    return rt, model
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe", "deepseek_v2"])
+@pytest.mark.parametrize("policy", ["ondemand", "pregate", "expertflow"])
+def test_bit_identical_to_resident(models, fam, policy):
+    ef, ref = models[fam]
+    total = len(ef.expert_layers) * ef.n_experts
+    for slots, engine in ((1, None), (3, ThreadEngine(bandwidth=50e6)), (total // 2, VirtualEngine(1e9)),
+                          (total, None)):
+        rt, model = offloaded(ef, policy, slots, engine)
+        got = generate(model)
+        rt.cache.check()
+        rt.close()
+        assert np.array_equal(got, ref), (fam, policy, slots)
+        s = rt.summary()
+        assert s["tokens"] == 9 + 5 and s["steps"] == 6
+        assert s["misses"] >= 1
+        if slots >= total:                     # everything fits: each expert is loaded at most once
+            assert s["misses"] <= total and s["prefetch_wasted"] == 0
+
+
+def test_stats_log_and_prefetch_accounting(models):
+    ef, ref = models["mixtral"]
+    rt, model = offloaded(ef, "expertflow", 6)
+    assert np.array_equal(generate(model, steps=8)[: len(ref)], ref)
+    s = rt.summary()
+    assert len(rt.stats.log) == s["steps"] == 9
+    assert sum(e["misses"] for e in rt.stats.log) == s["misses"]
+    assert all({"horizon", "occupancy", "stall_s", "bytes"} <= set(e) for e in rt.stats.log)
+    assert s["bytes_copied"] == s["copies"] * ef.blob_nbytes
+    assert s["copies"] == s["misses"] + s["prefetch_issued"]
+    assert s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+    assert 1 <= s["horizon"] <= 2 and s["prediction_recall_by_distance"]
+    assert rt.horizon.log and "formula" in rt.horizon.log[-1]
+    rt.close()
+
+
+def test_the_pool_serves_the_right_bytes(models):
+    """Loads land in the slot the table names (checked against the file itself)."""
+    ef, _ = models["mixtral"]
+    rt, model = offloaded(ef, "ondemand", 4)
+    generate(model, steps=2)
+    for (layer, e), slot in rt.pool.where.items():
+        assert rt.pool.table[layer, e] == slot
+        assert np.array_equal(rt.pool.data[slot], ef.expert_blob(layer, e))
+        w = ef.expert_weights(layer, e)
+        assert np.array_equal(rt.pool.handle(layer, e).down, w["down"])
+    rt.close()
+
+
+def test_budgets_and_errors(models):
+    ef, _ = models["mixtral"]
+    total = len(ef.expert_layers) * ef.n_experts
+    assert OffloadRuntime(ef, policy="ondemand", fraction=0.5).n_slots == total // 2
+    assert OffloadRuntime(ef, policy="ondemand", budget_bytes=3 * ef.blob_nbytes + 1).n_slots == 3
+    assert OffloadRuntime(ef, policy="ondemand").n_slots == total
+    with pytest.raises(ConfigError, match="holds no expert"):
+        OffloadRuntime(ef, budget_bytes=10)
+    with pytest.raises(ConfigError, match="one of slots, fraction or budget_bytes"):
+        OffloadRuntime(ef, slots=2, fraction=0.5)
+    with pytest.raises(ConfigError, match="fraction"):
+        OffloadRuntime(ef, fraction=1.5)
+    with pytest.raises(ConfigError, match="unknown offload policy"):
+        OffloadRuntime(ef, policy="magic")
+    rt = OffloadRuntime(ef, slots=2)
+    with pytest.raises(ConfigError, match="experts=this runtime"):
+        rt.attach(Model(ef, "numpy"))
+    from efengine.offload import dense_nbytes
+    p = build_provider(ef, "numpy", gpu_mem=dense_nbytes(ef) + 5 * ef.blob_nbytes, policy="pregate")
+    assert p.n_slots == 5 and p.policy.name == "pregate"
+    with pytest.raises(ConfigError, match="gpu_mem"):
+        build_provider(ef, "numpy", gpu_mem=1000)
+
+
+def test_engine_with_offload_generates_the_same_text(tiny_ef):
+    from efengine.engine import Engine
+    from efengine.offload import dense_nbytes
+    path = tiny_ef("qwen2_moe")
+    with Engine(path, device="cpu") as eng:
+        ref = eng.logits([1, 2, 3, 4, 5])
+    ef = EfFile(path)
+    budget = dense_nbytes(ef) + 3 * ef.blob_nbytes
+    for policy in ("ondemand", "expertflow"):
+        with Engine(path, device="cpu", gpu_mem=budget, policy=policy) as eng:
+            assert eng.model.experts.n_slots == 3 and eng.model.experts.model is eng.model
+            assert np.array_equal(eng.logits([1, 2, 3, 4, 5]), ref)
