@@ -160,14 +160,15 @@ class GgufFile:
             raise CheckpointError(f"{path}: no such file") from None
         except Exception as e:  # noqa: BLE001 - the gguf parser raises bare ValueErrors and friends
             raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-        self.kv = {}
+        self.kv, self.undecodable = {}, set()
         for k, f in self.reader.fields.items():
             if k.startswith("GGUF."):
                 continue
             try:
                 self.kv[k] = f.contents()
-            except Exception:  # noqa: BLE001 - undecodable metadata we never need stays unread
+            except Exception:  # noqa: BLE001 - e.g. strings that are not UTF-8; fatal only where needed
                 self.kv[k] = None
+                self.undecodable.add(k)
         self._tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.kv.get("general.architecture")
         if not isinstance(self.arch, str):

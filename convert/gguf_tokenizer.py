@@ -117,6 +117,9 @@ def tokenizer_files(g: GgufFile) -> dict[str, bytes]:
     """tokenizer.json, tokenizer_config.json and generation_config.json for a GGUF file ({} when
     the file has no tokenizer)."""
     tokens = g.get("tokenizer.ggml.tokens")
+    bad = sorted(k for k in g.undecodable if k.startswith("tokenizer."))
+    if bad:
+        raise CheckpointError(f"{g.path}: tokenizer metadata {', '.join(bad)} cannot be decoded (not UTF-8?)")
     if not tokens:
         return {}      # weights only: the .ef runs on token ids (the engine says so if asked for text)
     types = list(g.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
