@@ -136,7 +136,8 @@ def read_json(path: Path, what: str, error=CheckpointError) -> dict:
 
 def dense_message(src, arch: str) -> str:
     return (f"{src}: {arch} is a dense model (no experts); efconvert converts Mixture-of-Experts "
-            f"checkpoints. Dense models will be supported through GGUF input and --moefy (not yet available)")
+            f"checkpoints. A dense Llama converts from its GGUF file instead: efconvert MODEL.gguf OUT.ef "
+            f"[--moefy E --top-k K]")
 
 
 def model_config(hf: dict, src) -> tuple[efmodels.Family, ModelConfig]:
