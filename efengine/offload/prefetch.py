@@ -1,6 +1,8 @@
 """Copy engines (one event per expert load) and the prefetcher that feeds them in priority order.
 
-A CopyEngine moves one blob into one device slot per `submit(nbytes, fn)` and returns an Event:
+A CopyEngine moves one blob into one device slot per `submit(nbytes, fn, slot=, blob=)` and returns
+an Event (simulated engines run `fn`, which writes the pool; a CUDA engine copies `blob` into
+`pool.slot_array(slot)` itself):
   event.done() -> bool      has the copy landed (never blocks)
   event.wait() -> float     make the compute side wait for it; returns the stall it measured
                             (simulated engines: their clock; a CUDA engine makes the compute
@@ -12,8 +14,14 @@ Engines here:
                    the numpy stand-in for a CUDA copy stream; stall is wall-clock time
   VirtualEngine    the same timing on a virtual clock that the caller advances for compute:
                    deterministic timed replay of traces (misses, stall, overlap) in milliseconds
-The CUDA engine (copy stream + cudaEvent per load, pinned host blobs) plugs in behind the same
-three calls.
+The CUDA engine plugs in behind the same calls: submit stages the blob in pinned memory (or
+reads a registered mapping) and copies on its own stream, recording one cudaEvent per load;
+done() queries it; wait() makes the compute stream wait on it (no host sync) and keeps a pair of
+timing events around the wait; two optional hooks the runtime calls when present:
+  fence(slot)     after the model issued its work on a slot: the next copy into that slot waits
+                  for a compute-stream event recorded here (no overwrite under a running kernel)
+  drain_stall()   at the end of a step: stall seconds measured by the timing events since the
+                  last call (host clocks see none: the wait is on the device)
 """
 from __future__ import annotations
 
@@ -64,7 +72,7 @@ class ImmediateEngine:
     def __init__(self):
         self.clock = WallClock()
 
-    def submit(self, nbytes: int, fn: Callable[[], None]) -> _DoneEvent:
+    def submit(self, nbytes: int, fn: Callable[[], None], **job) -> _DoneEvent:
         t0 = time.perf_counter()
         fn()
         return _DoneEvent(nbytes, time.perf_counter() - t0)
@@ -102,7 +110,7 @@ class ThreadEngine:
         self.thread = threading.Thread(target=self._run, name="efengine-copy", daemon=True)
         self.thread.start()
 
-    def submit(self, nbytes: int, fn: Callable[[], None]) -> _ThreadEvent:
+    def submit(self, nbytes: int, fn: Callable[[], None], **job) -> _ThreadEvent:
         ev = _ThreadEvent(nbytes, self.clock)
         self.jobs.put((ev, fn))
         return ev
@@ -155,7 +163,7 @@ class VirtualEngine:
         self.clock = clock or VirtualClock()
         self.busy_until = 0.0
 
-    def submit(self, nbytes: int, fn: Callable[[], None]) -> _VirtualEvent:
+    def submit(self, nbytes: int, fn: Callable[[], None], **job) -> _VirtualEvent:
         fn()
         start = max(self.clock.now(), self.busy_until)
         self.busy_until = start + nbytes / self.bandwidth + self.latency
@@ -181,6 +189,7 @@ class Prefetcher:
         self.on_copy = on_copy
         self.inflight: dict[int, tuple[object, bool]] = {}      # flat id -> (event, is prefetch)
         self.requests: dict[int, tuple[int, float]] = {}        # flat id -> (deadline, score)
+        self.timing: list = []                                  # landed or waited, not yet timed
 
     # ---- loads -------------------------------------------------------------------------------------
     def load(self, i: int, e: int, *, prefetch: bool = False, protect: np.ndarray | None = None) -> bool:
@@ -196,7 +205,8 @@ class Prefetcher:
                 self.stats.prefetch_wasted += 1
         blob = self.store.blob(i, e)
         nbytes = self.store.blob_nbytes
-        ev = self.engine.submit(nbytes, lambda: self.pool.put(slot, blob) if blob is not None else None)
+        ev = self.engine.submit(nbytes, lambda: self.pool.put(slot, blob) if blob is not None else None,
+                                slot=slot, blob=blob, pool=self.pool)
         self.cache.set_event(i, e, ev)
         self.inflight[i * self.cache.E + e] = (ev, prefetch)
         self.requests.pop(i * self.cache.E + e, None)
@@ -211,14 +221,27 @@ class Prefetcher:
         i, e = divmod(f, self.cache.E)
         slot = self.cache.complete(i, e)
         self.pool.assign(self.store.layers[i], e, slot)
-        self.stats.copy_s += ev.seconds
-        if self.on_copy is not None:
-            self.on_copy(ev.nbytes, ev.seconds)
+        self.timing.append(ev)
+        self._account()
+
+    def _account(self) -> None:
+        """Copy durations of landed copies (bandwidth C_s). A CUDA wait does not block the host,
+        so a waited-for copy may land later: it is counted then, never by syncing here."""
+        keep = []
+        for ev in self.timing:
+            if not ev.done():
+                keep.append(ev)
+                continue
+            self.stats.copy_s += ev.seconds
+            if self.on_copy is not None:
+                self.on_copy(ev.nbytes, ev.seconds)
+        self.timing = keep
 
     def poll(self) -> None:
         """Mark every landed copy ready (in submit order)."""
         for f in [f for f, (ev, _) in self.inflight.items() if ev.done()]:
             self._finish(f)
+        self._account()
 
     def wait(self, i: int, e: int) -> float:
         """Wait for the copy of (i, e); returns the stall."""

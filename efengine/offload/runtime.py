@@ -27,7 +27,7 @@ from .cache import ExpertCache
 from .horizon import Horizon
 from .policy import make_policy
 from .predict import pregate_probs, pregate_topk
-from .prefetch import ThreadEngine, VirtualClock, VirtualEngine
+from .prefetch import ImmediateEngine, ThreadEngine, VirtualClock, VirtualEngine
 from .stats import OffloadStats
 from .store import HostStore, NullStore
 
@@ -74,7 +74,9 @@ class OffloadRuntime(ExpertProvider):
         self.backend = backend if not isinstance(backend, str) else _backend(backend)
         n_model_layers = source.config.n_layers if source is not None else st.L
         self.pool = pool if pool is not None else _make_pool(self.backend, source, st, self.n_slots, n_model_layers)
-        self.engine = engine if engine is not None else ThreadEngine()
+        if engine is None:        # CuPy: copies in order on the compute stream until a CUDA engine is given
+            engine = ImmediateEngine() if getattr(self.backend, "name", "") == "cupy" else ThreadEngine()
+        self.engine = engine
         self.clock = self.engine.clock
         self.horizon = Horizon(st.L, self.n_slots, st.A, st.blob_nbytes)
         self.policy = make_policy(policy, st.L, st.E, st.A, horizon=self.horizon, **policy_kw)
@@ -144,7 +146,7 @@ class OffloadRuntime(ExpertProvider):
         cache, pf = self.cache, self.prefetcher
         for e in ready:
             yield e, self.pool.handle(layer, e)
-            cache.unpin(i, [e])
+            self._used(i, e)
         while waiting or deferred:
             still = []
             for e in deferred:
@@ -161,7 +163,16 @@ class OffloadRuntime(ExpertProvider):
             if not cache.is_ready(i, e):
                 self.stats.stall_s += pf.wait(i, e)
             yield e, self.pool.handle(layer, e)
-            cache.unpin(i, [e])
+            self._used(i, e)
+
+    def _used(self, i: int, e: int) -> None:
+        """The model has issued its work on (i, e): the slot may be reused once that work is done.
+        A CUDA engine records an event on the compute stream here (`fence(slot)`) and makes the copy
+        that overwrites the slot wait for it; simulated engines have nothing to fence."""
+        fence = getattr(self.engine, "fence", None)
+        if fence is not None:
+            fence(int(self.cache.slot_of[i * self.cache.E + e]))
+        self.cache.unpin(i, [e])
 
     def end_layer(self, layer: int) -> None:
         i = self.store.index[layer]
@@ -180,6 +191,9 @@ class OffloadRuntime(ExpertProvider):
     def end_step(self) -> None:
         s = self.stats
         wasted, used = s.prefetch_wasted - self._step_marks[0], s.prefetch_used - self._step_marks[1]
+        drain = getattr(self.engine, "drain_stall", None)   # a CUDA engine's event-timed stall
+        if drain is not None:
+            s.stall_s += drain()
         S = self.horizon.end_step(self._late_predicted, wasted, used)
         s.end_step(self.clock.now(), horizon=S, occupancy=self.cache.occupancy())
 

@@ -1,0 +1,104 @@
+"""CudaEngine: expert copies on their own CUDA stream, one event per load (CuPy).
+
+Host blobs (views of the mapped .ef, or the RAM tier) are staged into a ring of pinned buffers,
+then copied with cudaMemcpyAsync on the copy stream into the pool slot; the load's event is
+recorded after it. The compute stream never blocks the host: `wait()` makes it wait on the event
+and brackets the wait with two timing events, whose elapsed time is the stall (`drain_stall()`).
+`fence(slot)` records the compute stream's progress after the model used a slot; the next copy
+into that slot waits for it, so a copy never overwrites weights a queued kernel still reads.
+
+A first version: staging runs on the calling thread (~10 GB/s, hardware.md); a staging thread or
+a registered mapping (cudaHostRegister, 54 GB/s measured) is the next step for large experts.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .prefetch import WallClock
+
+
+class _CudaEvent:
+    def __init__(self, engine, nbytes: int, start, end):
+        self.engine, self.nbytes, self.start, self.end = engine, nbytes, start, end
+
+    def done(self) -> bool:
+        return self.end.done
+
+    @property
+    def seconds(self) -> float:
+        self.end.synchronize()
+        import cupy
+        return cupy.cuda.get_elapsed_time(self.start, self.end) / 1e3
+
+    def wait(self) -> float:
+        import cupy
+        t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
+        compute = self.engine.compute or cupy.cuda.get_current_stream()
+        t0.record(compute)
+        compute.wait_event(self.end)
+        t1.record(compute)
+        self.engine.waits.append((t0, t1))
+        return 0.0          # measured on the device: see drain_stall
+
+
+class CudaEngine:
+    def __init__(self, n_staging: int = 4, compute_stream=None):
+        import cupy
+        self.cupy = cupy
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.compute = compute_stream
+        self.n_staging = max(1, n_staging)
+        self.staging: list = []
+        self.staged: list = [None] * self.n_staging      # event of the copy that read each buffer
+        self.k = 0
+        self.fences: dict[int, object] = {}
+        self.waits: list = []
+        self.clock = WallClock()
+
+    def _stage(self, blob: np.ndarray):
+        import cupyx
+        if not self.staging:
+            self.staging = [None] * self.n_staging
+        k = self.k
+        self.k = (k + 1) % self.n_staging
+        if self.staged[k] is not None:
+            self.staged[k].synchronize()                     # its previous copy has read it
+        if self.staging[k] is None or self.staging[k].size < blob.size:   # blobs are equal-sized
+            self.staging[k] = cupyx.empty_pinned(blob.size, dtype=np.uint8)
+        np.copyto(self.staging[k][: blob.size], blob)
+        return k, self.staging[k]
+
+    def submit(self, nbytes: int, fn, *, slot: int, blob, pool, **job) -> _CudaEvent:
+        cp = self.cupy
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        fence = self.fences.pop(slot, None)
+        if fence is not None:
+            self.stream.wait_event(fence)
+        dst = pool.slot_array(slot)
+        if isinstance(blob, cp.ndarray):                      # already on the device
+            start.record(self.stream)
+            with self.stream:
+                dst[: blob.size] = blob
+        else:
+            k, buf = self._stage(np.asarray(blob).reshape(-1))
+            start.record(self.stream)
+            cp.cuda.runtime.memcpyAsync(dst.data.ptr, buf.ctypes.data, blob.size, 1, self.stream.ptr)
+            self.staged[k] = end
+        end.record(self.stream)
+        return _CudaEvent(self, nbytes, start, end)
+
+    def fence(self, slot: int) -> None:
+        ev = self.cupy.cuda.Event(disable_timing=True)
+        ev.record(self.compute or self.cupy.cuda.get_current_stream())
+        self.fences[slot] = ev
+
+    def drain_stall(self) -> float:
+        total = 0.0
+        for t0, t1 in self.waits:
+            t1.synchronize()
+            total += self.cupy.cuda.get_elapsed_time(t0, t1) / 1e3
+        self.waits.clear()
+        return total
+
+    def close(self) -> None:
+        self.stream.synchronize()
