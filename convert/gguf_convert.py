@@ -236,11 +236,27 @@ def plan_dense(dense_plan: list, prec: dict, group: int, errs: ErrorSums) -> lis
     return out
 
 
-def plan_experts(cfg: ModelConfig, expert_plan: list, want: str, group: int, errs: ErrorSums) -> PlannedExperts | None:
+# precision order for choosing one blob layout over layers whose GGUF types differ
+_WIDTH = {"q4": 0, "q8": 1, "bf16": 2, "f16": 3, "f32": 4}
+
+
+def expert_specs(expert_plan: list, want: str, group: int) -> dict:
+    """part -> (type, shape, group) of every expert blob. Every blob has one layout, so with
+    "native" a part takes the widest type any layer needs (mixes like Q4_K_M give some layers'
+    ffn_down more bits: those stay exact and the others are stored wider, never narrower)."""
+    specs = {}
+    for p, t0 in expert_plan[0][0].items():
+        qtype, grp = max({stored_type(layer[0][p], want, group) for layer in expert_plan},
+                         key=lambda tg: _WIDTH[tg[0]])
+        specs[p] = (qtype, t0.shape, grp)
+    return specs
+
+
+def plan_experts(cfg: ModelConfig, expert_plan: list, want: str, group: int,
+                 errs: ErrorSums) -> PlannedExperts | None:
     if not expert_plan:
         return None
-    first = expert_plan[0][0]
-    specs = {p: (*stored_type(t, want, group)[:1], t.shape, stored_type(t, want, group)[1]) for p, t in first.items()}
+    specs = expert_specs(expert_plan, want, group)
 
     def produce(i: int, e: int) -> dict:
         return {p: encode(t, specs[p][0], specs[p][2], EXPERTS, errs) for p, t in expert_plan[i][e].items()}

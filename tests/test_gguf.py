@@ -302,3 +302,25 @@ def test_sentencepiece_tokenizer(tmp_path):
     for text in TEXTS[:4] + ["x=3.14159; y = [1, 22, 333]", CORPUS[:1500]]:
         assert ours.encode(text).ids == [sp.bos_id()] + sp.encode(text), text
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=True) == text
+
+
+def test_layers_of_different_types_share_the_widest_layout(tmp_path):
+    """Mixes like Q4_K_M give some layers more bits; blobs have one layout, the widest needed."""
+    import tiny_models
+    folder = tiny_models.build("qwen3_moe", tmp_path / "hf")     # expert width 32: every part can be a block type
+
+    def mix(t):
+        for name, (w, _) in list(t.items()):
+            if "_exps" in name:
+                t[name] = (w, GT.Q8_0 if name.startswith("blk.1.") else GT.Q4_0)
+    path = gguf_tiny.from_hf(folder, tmp_path / "m.gguf", edit=mix)
+    ef = EfFile(convert_gguf(path, tmp_path / "m.ef", progress=False))
+    g = GgufFile(path)
+    assert all(ef.expert_layout[p].type == "q8" for p in ("gate", "up", "down"))
+    for l in (0, 1):     # Q8_0 exactly; Q4_0 values fit q8 with a tiny rounding of the scale only
+        want = g.tensor(f"blk.{l}.ffn_up_exps.weight").expert(2).float32()
+        got = ef.expert_weights(l, 2)["up"]
+        if l == 1:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert quant.rel_rms(want, got) < 0.01
