@@ -8,6 +8,9 @@ For each trace and cache size: misses per decoded token of
 and the transfer time those misses cost at a given expert size and copy bandwidth (the oracle
 offload bound uses Belady's). `--timed` also replays ondemand / expertflow on a virtual clock with a
 compute time per layer (stall and time per token, prefetching included).
+`--model PATH|demo` instead runs a real model (numpy) over text one token at a time (decode
+steps, real routing and hidden states): misses, prefetch precision and the predictor's recall by
+distance for ondemand / pregate / expertflow, and expertflow without hidden states.
 JSON goes to stdout, a table to stderr.
 """
 from __future__ import annotations
@@ -80,6 +83,69 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def model_tokens(ef, text_path: str | None, n: int) -> list[int]:
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer
+    path = Path(text_path) if text_path else Path(__file__).resolve().parent.parent / "tests" / "data" / "english_eval.txt"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise EfError(f"{path}: cannot read the text to run ({e.strerror}); pass --text FILE") from None
+    return Tokenizer.from_ef(ef).encode(text)[:n]
+
+
+def bench_model(path: str, caches: list[float], tokens: int, text: str | None) -> dict:
+    """Decode `tokens` tokens of text one at a time through the offloaded model, per policy and cache."""
+    import numpy as np
+
+    from .format import EfFile
+    from .model import Model
+    from .offload import OffloadRuntime
+    from .offload.prefetch import ImmediateEngine
+    if path == "demo":
+        from .demo import default_model_path
+        path = str(default_model_path(progress=False))
+    ef = EfFile(path)
+    ids = model_tokens(ef, text, tokens)
+    res = {"model": path, "tokens": len(ids), "layers": len(ef.expert_layers), "experts": ef.n_experts,
+           "top_k": ef.config.top_k, "caches": []}
+    for frac in caches:
+        row = {"cache": frac, "policies": {}}
+        for name, attach in (("ondemand", True), ("pregate", True), ("expertflow", True),
+                             ("expertflow-history", False)):
+            rt = OffloadRuntime(ef, "numpy", policy=name.split("-")[0], fraction=frac, engine=ImmediateEngine(),
+                                pregate_span=8)     # recall by distance 1..8 with pre-gate scores
+            model = Model(ef, "numpy", experts=rt)
+            if attach:
+                rt.attach(model)
+            cache = model.new_cache(len(ids) + 1)
+            for t in ids:
+                model.forward(np.array([t]), cache, last_only=True)
+            s = rt.summary()
+            keep = ("misses_per_token", "hit_rate", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+                    "prefetch_precision", "horizon")
+            row["policies"][name] = {k: s.get(k) for k in keep}
+            if "prediction_recall_by_distance" in s:
+                rec = s["prediction_recall_by_distance"]
+                row["policies"][name]["recall_by_distance"] = {d: rec[d] for d in sorted(rec) if d <= 8}
+            row["policies"][name]["loads_per_token"] = round((s["misses"] + s["prefetch_issued"]) / max(1, s["tokens"]), 3)
+        res["caches"].append(row)
+    return res
+
+
+def model_table(res: dict) -> str:
+    lines = [f"{res['model']}: {res['tokens']} decode steps, {res['layers']} MoE layers, "
+             f"{res['experts']} experts, top-{res['top_k']}"]
+    for row in res["caches"]:
+        for name, p in row["policies"].items():
+            rec = p.get("recall_by_distance", {})
+            lines.append(f"{row['cache']:>5.0%}  {name:>18}: misses/token {p['misses_per_token']:6.2f}  "
+                         f"loads/token {p['loads_per_token']:6.2f}  prefetch precision {p['prefetch_precision']}"
+                         + (f"  recall d=1..4 {[rec.get(d) for d in (1, 2, 3, 4)]}" if rec else ""))
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m efengine.offload_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--trace", default="gsm8k_2", help="trace names or paths, comma-separated "
@@ -91,7 +157,10 @@ def parse_args(argv=None):
     ap.add_argument("--bandwidth-gbps", type=float, default=55.0, help="host->GPU copy bandwidth (GB/s)")
     ap.add_argument("--timed", action="store_true", help="also replay on a virtual clock (stall, time per token)")
     ap.add_argument("--layer-us", type=float, default=75.0, help="compute time per layer for --timed (us)")
-    ap.add_argument("--tokens", type=int, default=None, help="only the first N tokens of each trace")
+    ap.add_argument("--tokens", type=int, default=None, help="only the first N tokens of each trace "
+                    "(--model: decode steps to run, default 200)")
+    ap.add_argument("--model", default=None, help="a .ef path or 'demo': run that model instead of traces")
+    ap.add_argument("--text", default=None, help="text to run with --model (default: tests/data/english_eval.txt)")
     return ap.parse_args(argv)
 
 
@@ -113,7 +182,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = {"benchmark": "offload_traces", "results": []}
     try:
-        for name in [t for t in a.trace.split(",") if t]:
+        if a.model:
+            res = bench_model(a.model, caches, a.tokens or 200, a.text)
+            out["benchmark"] = "offload_model"
+            out["results"].append(res)
+            print(model_table(res), file=sys.stderr)
+        for name in [t for t in a.trace.split(",") if t and not a.model]:
             res = bench_trace(name, caches, policies=policies, foresight=foresight,
                               expert_bytes=int(a.expert_mb * 1e6), bandwidth=a.bandwidth_gbps * 1e9,
                               timed=a.timed, layer_s=a.layer_us * 1e-6, tokens=a.tokens)

@@ -37,3 +37,19 @@ def test_bench_errors(capsys, tmp_path):
     assert offload_bench.main(["--trace", str(tmp_path / "none.jsonl")]) == 1
     err = capsys.readouterr().err
     assert "cache 2.0" in err and "oracle" in err and "no such file" in err
+
+
+def test_bench_on_a_model(tiny_ef, capsys, tmp_path):
+    pytest.importorskip("torch")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, the offload runtime reads this text one token at a time. " * 3)
+    rc = offload_bench.main(["--model", str(tiny_ef("qwen2_moe")), "--cache", "0.5", "--tokens", "12",
+                             "--text", str(text)])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    res = json.loads(out)["results"][0]
+    pol = res["caches"][0]["policies"]
+    assert res["tokens"] == 12 and set(pol) == {"ondemand", "pregate", "expertflow", "expertflow-history"}
+    assert pol["ondemand"]["prefetch_issued"] == 0 and pol["ondemand"]["loads_per_token"] == pol["ondemand"]["misses_per_token"]
+    assert pol["expertflow"]["recall_by_distance"] and "expertflow-history" in err
+    assert offload_bench.main(["--model", str(tiny_ef("qwen2_moe")), "--text", str(tmp_path / "none")]) == 1

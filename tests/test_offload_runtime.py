@@ -125,3 +125,47 @@ def test_engine_with_offload_generates_the_same_text(tiny_ef):
         with Engine(path, device="cpu", gpu_mem=budget, policy=policy) as eng:
             assert eng.model.experts.n_slots == 3 and eng.model.experts.model is eng.model
             assert np.array_equal(eng.logits([1, 2, 3, 4, 5]), ref)
+
+
+def test_host_store_tiers(models):
+    from efengine.offload.store import HostStore
+    ef, _ = models["mixtral"]
+    mm = HostStore(ef)
+    assert mm.L == len(ef.expert_layers) and mm.blob_nbytes == ef.blob_nbytes and mm.ram is None
+    ram = HostStore(ef, host_bytes=2 * ef.blob_nbytes + 5)       # a RAM tier of two blobs, LRU
+    assert ram.ram_slots == 2
+    for i, e in [(0, 1), (1, 2), (0, 1), (2, 3), (0, 1), (1, 2)]:
+        assert np.array_equal(ram.blob(i, e), ef.expert_blob(ef.expert_layers[i], e))
+    assert ram.reads == 4                       # (0,1) stayed; (1,2) was pushed out by (2,3)
+    w = ram.decode(ram.blob(1, 2))
+    ref = ef.expert_weights(ef.expert_layers[1], 2)
+    assert all(np.array_equal(w[p], ref[p]) for p in ("gate", "up", "down"))
+    pinned = []
+    HostStore(ef, host_bytes=10 * ef.blob_nbytes, alloc=lambda n: pinned.append(n) or np.empty(n, np.uint8))
+    assert pinned == [10 * ef.blob_nbytes]
+
+
+def test_sources_without_blobs_are_packed(models):
+    """An in-memory source (expert_weights only) is packed as float32 blobs: still lossless."""
+    from efengine.offload.store import HostStore
+    ef, ref = models["qwen2_moe"]
+
+    class InMemory:
+        config, expert_layers, n_experts = ef.config, ef.expert_layers, ef.n_experts
+
+        def has(self, name):
+            return ef.has(name)
+
+        def load(self, name):
+            return ef.load(name)
+
+        def expert_weights(self, layer, e):
+            return ef.expert_weights(layer, e)
+    src = InMemory()
+    st = HostStore(src)
+    assert st.packed and st.blob_nbytes == sum(v.nbytes for v in ef.expert_weights(ef.expert_layers[0], 0).values())
+    rt = OffloadRuntime(src, "numpy", policy="expertflow", slots=3)
+    model = Model(src, "numpy", experts=rt)
+    rt.attach(model)
+    assert np.array_equal(generate(model), ref)
+    rt.close()

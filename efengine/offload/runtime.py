@@ -60,14 +60,17 @@ class OffloadRuntime(ExpertProvider):
     OffloadRuntime(source, backend="numpy", policy="expertflow", slots=|fraction=|budget_bytes=,
                    engine=None (a copy thread), max_inflight=4, host_bytes=0,
                    backlog_layers=1.0 (prefetch only into the copy time of that many layers of compute),
-                   p_prefetch=0.3 (expertflow: least predicted probability worth a copy), **policy options)
+                   p_prefetch=0.3 (expertflow: least predicted probability worth a copy),
+                   pregate_span=0 (expertflow: pre-gate at least this many layers ahead, else S),
+                   **policy options)
     then `runtime.attach(model)` so pre-gating policies see hidden states.
     """
 
     def __init__(self, source=None, backend="numpy", *, policy: str = "expertflow",
                  slots: int | None = None, fraction: float | None = None, budget_bytes: int | None = None,
                  store=None, pool=None, engine=None, max_inflight: int = 4, host_bytes: int = 0,
-                 backlog_layers: float = 1.0, p_prefetch: float = 0.3, keep_log: bool = True, **policy_kw):
+                 backlog_layers: float = 1.0, p_prefetch: float = 0.3, pregate_span: int = 0,
+                 keep_log: bool = True, **policy_kw):
         self.store = store if store is not None else HostStore(source, host_bytes=host_bytes)
         st = self.store
         self.n_slots = resolve_slots(st, slots, fraction, budget_bytes)
@@ -85,7 +88,7 @@ class OffloadRuntime(ExpertProvider):
         from .prefetch import Prefetcher
         self.prefetcher = Prefetcher(self.cache, self.pool, st, self.engine, self.stats,
                                      max_inflight=max_inflight, on_copy=self.horizon.observe_copy)
-        self.backlog_layers, self.p_prefetch = backlog_layers, p_prefetch
+        self.backlog_layers, self.p_prefetch, self.pregate_span = backlog_layers, p_prefetch, pregate_span
         self.model = None
         self._chained = None
         self.tick = 0                 # MoE layer executions so far
@@ -223,7 +226,7 @@ class OffloadRuntime(ExpertProvider):
         ev, st, S = self.policy.eviction, self.store, self.horizon.value
         if hidden is not None:
             pg = np.full((st.L, st.E), np.nan)
-            for l2 in range(i + 1, min(st.L, i + 1 + S)):
+            for l2 in range(i + 1, min(st.L, i + 1 + max(S, self.pregate_span))):
                 pg[l2] = pregate_probs(self._router_probs(l2, hidden), st.A)
             ev.refresh(i, pg)
         P, d = ev.P, ev.d
