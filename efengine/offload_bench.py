@@ -87,7 +87,8 @@ def model_tokens(ef, text_path: str | None, n: int) -> list[int]:
     from pathlib import Path
 
     from .tokenizer import Tokenizer
-    path = Path(text_path) if text_path else Path(__file__).resolve().parent.parent / "tests" / "data" / "english_eval.txt"
+    default = Path(__file__).resolve().parent.parent / "tests" / "data" / "english_eval.txt"
+    path = Path(text_path) if text_path else default
     try:
         text = path.read_text()
     except OSError as e:
@@ -129,7 +130,8 @@ def bench_model(path: str, caches: list[float], tokens: int, text: str | None) -
             if "prediction_recall_by_distance" in s:
                 rec = s["prediction_recall_by_distance"]
                 row["policies"][name]["recall_by_distance"] = {d: rec[d] for d in sorted(rec) if d <= 8}
-            row["policies"][name]["loads_per_token"] = round((s["misses"] + s["prefetch_issued"]) / max(1, s["tokens"]), 3)
+            loads = s["misses"] + s["prefetch_issued"]
+            row["policies"][name]["loads_per_token"] = round(loads / max(1, s["tokens"]), 3)
         res["caches"].append(row)
     return res
 

@@ -141,8 +141,12 @@ def test_host_store_tiers(models):
     ref = ef.expert_weights(ef.expert_layers[1], 2)
     assert all(np.array_equal(w[p], ref[p]) for p in ("gate", "up", "down"))
     pinned = []
-    HostStore(ef, host_bytes=10 * ef.blob_nbytes, alloc=lambda n: pinned.append(n) or np.empty(n, np.uint8))
+    tier = HostStore(ef, host_bytes=10 * ef.blob_nbytes, alloc=lambda n: pinned.append(n) or np.empty(n, np.uint8))
     assert pinned == [10 * ef.blob_nbytes]
+    seen = []
+    tier.warm(seen.append)
+    assert seen == list(range(10)) and tier.reads == 10
+    assert np.array_equal(tier.blob(1, 1), ef.expert_blob(ef.expert_layers[1], 1)) and tier.reads == 10
 
 
 def test_sources_without_blobs_are_packed(models):

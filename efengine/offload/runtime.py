@@ -27,7 +27,7 @@ from .cache import ExpertCache
 from .horizon import Horizon
 from .policy import make_policy
 from .predict import pregate_probs, pregate_topk
-from .prefetch import ImmediateEngine, ThreadEngine, VirtualClock, VirtualEngine
+from .prefetch import ImmediateEngine, Prefetcher, ThreadEngine, VirtualClock, VirtualEngine
 from .stats import OffloadStats
 from .store import HostStore, NullStore
 
@@ -85,7 +85,6 @@ class OffloadRuntime(ExpertProvider):
         self.policy = make_policy(policy, st.L, st.E, st.A, horizon=self.horizon, **policy_kw)
         self.cache = ExpertCache(self.n_slots, st.L, st.E, self.policy.eviction)
         self.stats = OffloadStats(keep_log=keep_log)
-        from .prefetch import Prefetcher
         self.prefetcher = Prefetcher(self.cache, self.pool, st, self.engine, self.stats,
                                      max_inflight=max_inflight, on_copy=self.horizon.observe_copy)
         self.backlog_layers, self.p_prefetch, self.pregate_span = backlog_layers, p_prefetch, pregate_span

@@ -93,38 +93,24 @@ class SimResult:
     tokens: int
     misses: int
     hits: int
-    prefetches: int = 0           # loads started ahead of use (policies that prefetch)
-    prefetch_used: int = 0
 
     @property
     def misses_per_token(self) -> float:
         return self.misses / max(self.tokens, 1)
 
-    @property
-    def loads_per_token(self) -> float:
-        return (self.misses + self.prefetches) / max(self.tokens, 1)
-
     def to_dict(self) -> dict:
-        return {"policy": self.policy, "slots": self.n_slots, "tokens": self.tokens,
-                "misses": self.misses, "hits": self.hits,
-                "misses_per_token": round(self.misses_per_token, 3),
-                "loads_per_token": round(self.loads_per_token, 3),
-                "prefetches": self.prefetches, "prefetch_used": self.prefetch_used}
+        return {"policy": self.policy, "slots": self.n_slots, "tokens": self.tokens, "misses": self.misses,
+                "hits": self.hits, "misses_per_token": round(self.misses_per_token, 3)}
 
 
-def simulate(trace: Trace, n_slots: int, eviction: Eviction, prefetch=None) -> SimResult:
-    """Replay `trace` (decode order) through a cache of n_slots with `eviction`.
-
-    `prefetch(cache, layer)`, when given, is called after each layer-step and may load experts
-    ahead (through cache.allocate(..., prefetch=True)); it returns how many it loaded."""
+def simulate(trace: Trace, n_slots: int, eviction: Eviction) -> SimResult:
+    """Replay `trace` (decode order) through a cache of n_slots with `eviction` (demand loads only)."""
     L, E = trace.n_layers, trace.n_experts
     cache = ExpertCache(n_slots, L, E, eviction)
-    hits = misses = prefetches = used = 0
+    hits = misses = 0
     for t in range(trace.n_tokens):
         for l in range(L):
             ids = np.unique(trace.experts[t, l])
-            flat = l * E + ids
-            used += int(cache.prefetched[flat].sum())
             h, m = cache.access(l, ids)
             hits, misses = hits + h, misses + m
             cache.pin(l, ids)
@@ -135,9 +121,7 @@ def simulate(trace: Trace, n_slots: int, eviction: Eviction, prefetch=None) -> S
                         raise RuntimeError(f"{n_slots} slots cannot hold the {len(ids)} experts of one step")
                     cache.complete(l, int(e))
             cache.unpin(l, ids)
-            if prefetch is not None:
-                prefetches += prefetch(cache, l)
-    return SimResult(eviction.name, n_slots, trace.n_tokens, misses, hits, prefetches, used)
+    return SimResult(eviction.name, n_slots, trace.n_tokens, misses, hits)
 
 
 def slots_for(fraction: float, trace: Trace) -> int:
