@@ -28,6 +28,9 @@ from .rope import Rope, softmax_scale
 MLA_NORM_EPS = 1e-6
 
 OnLayer = Callable[[int, Any], None]
+# route_hook(layer, router_logits [T, E], ids [T, A], weights [T, A]) -> (ids, weights): lets trace
+# replay substitute recorded choices and the opt-in lossy route bias prefer resident experts.
+RouteHook = Callable[[int, Any, Any, Any], tuple]
 
 
 class KVCache:
@@ -106,6 +109,7 @@ class Model:
         self.scale = softmax_scale(cfg)
         self.experts = experts if experts is not None else ResidentExperts(source, b)
         self.on_layer: OnLayer | None = None
+        self.route_hook: RouteHook | None = None     # None: the router decides (lossless)
         self.tok_embd = self._w("token_embd.weight")
         self.out_norm = self._w("output_norm.weight")
         has_out = source.has("output.weight")
@@ -256,7 +260,10 @@ class Model:
         """Routed experts (grouped by expert id, each into its own (token, rank) slots) + shared."""
         cfg, b, xp = self.cfg, self.backend, self.xp
         T, A, D = x.shape[0], cfg.top_k, x.shape[1]
-        ids, weights = b.route(b.linear(x, w["ffn_gate_inp"]), cfg)
+        logits = b.linear(x, w["ffn_gate_inp"])
+        ids, weights = b.route(logits, cfg)
+        if self.route_hook is not None:
+            ids, weights = self.route_hook(l, logits, ids, weights)
         ids_h = np.asarray(b.to_host(ids), dtype=np.int32)                 # [T, A]
         flat = ids_h.reshape(-1)
         order = np.argsort(flat, kind="stable")                            # slots sorted by expert id
