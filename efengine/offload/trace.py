@@ -12,6 +12,7 @@ Shapes: N tokens, L layers, A active experts per token (top-k).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,22 @@ import numpy as np
 
 from ..errors import ConfigError, FormatError
 
-TRACE_DIR = Path("/work/shared/data/traces")
+
+def _trace_dir() -> Path:
+    """Where short trace names resolve: $EFENGINE_TRACES, else the project's `shared/data/traces`
+    beside the checkout (as developers and CI have it), else beside the current folder."""
+    env = os.environ.get("EFENGINE_TRACES")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[2]            # the checkout holding efengine/
+    for cand in (here.parent / "shared" / "data" / "traces", here / "shared" / "data" / "traces",
+                 Path.cwd().parent / "shared" / "data" / "traces"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "shared" / "data" / "traces"
+
+
+TRACE_DIR = _trace_dir()
 
 
 @dataclass(frozen=True)
