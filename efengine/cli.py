@@ -31,6 +31,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory for cached experts, e.g. 8G (offload runtime)")
     g.add_argument("--policy", help="expert prefetch policy: ondemand | pregate | expertflow")
     g.add_argument("--ctx", type=int, metavar="N", help="context length in tokens (default min(model, 4096))")
+    g.add_argument("--route-bias", type=float, default=0.0, metavar="M",
+                   help="LOSSY: route to a cached expert whose router probability is within M of a chosen "
+                        "uncached one (fewer expert loads, slightly different output; default 0 = off)")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -93,8 +96,12 @@ def build_parser() -> Parser:
 
 def open_engine(path, args, n_ctx=None):
     from .engine import Engine
+    bias = getattr(args, "route_bias", 0.0)
+    if bias:
+        print(f"warning: --route-bias {bias:g} is LOSSY: routing prefers cached experts, so output differs "
+              "from the exact model (see docs/route_bias.md)", file=sys.stderr)
     return Engine(path, device=args.device, gpu_mem=args.gpu_mem, policy=args.policy,
-                  n_ctx=n_ctx if n_ctx is not None else args.ctx)
+                  n_ctx=n_ctx if n_ctx is not None else args.ctx, **({"route_bias": bias} if bias else {}))
 
 
 def _read_prompt(args) -> str:

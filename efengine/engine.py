@@ -127,10 +127,11 @@ class Engine:
     """Engine(model_path, device="auto"|"cpu"|"cuda", gpu_mem=None, policy=None, n_ctx=None).
 
     gpu_mem (bytes or "8G") and policy ("ondemand" | "pregate" | "expertflow") configure the
-    expert offload runtime; left None, every expert is resident."""
+    expert offload runtime; left None, every expert is resident. route_bias (LOSSY, default 0 = off)
+    lets the offload runtime route to cached experts within that router-probability margin."""
 
     def __init__(self, model_path, device: str = "auto", gpu_mem=None, policy: str | None = None, *,
-                 n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK, route_bias: float = 0.0):
         from .format import EfFile
         from .model import Model
 
@@ -139,6 +140,7 @@ class Engine:
         backend = resolve_device(device)
         self.gpu_mem = parse_size(gpu_mem)
         self.policy = policy
+        self.route_bias = route_bias
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ConfigError(f"invalid prefill_chunk={prefill_chunk!r}: must be an integer >= 1")
         self.prefill_chunk = prefill_chunk
@@ -174,13 +176,16 @@ class Engine:
 
     def _expert_provider(self, backend: str):
         if self.gpu_mem is None and self.policy is None:
+            if self.route_bias:
+                raise ConfigError("route_bias needs the expert offload runtime: give gpu_mem and/or policy")
             return None          # every expert resident
         try:
             from .offload import build_provider
         except ImportError:
             raise ConfigError("gpu_mem / policy need the expert offload runtime, which this build does not "
                               "include yet; leave them unset to keep every expert resident") from None
-        return build_provider(self.ef, backend, gpu_mem=self.gpu_mem, policy=self.policy)
+        kw = {"route_bias": self.route_bias} if self.route_bias else {}
+        return build_provider(self.ef, backend, gpu_mem=self.gpu_mem, policy=self.policy, **kw)
 
     def _load_tokenizer(self) -> None:
         """A model without a tokenizer still scores token ids (logits); text calls then fail clearly."""

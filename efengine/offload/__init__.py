@@ -25,7 +25,8 @@ def build_provider(ef, backend, *, gpu_mem: int | None = None, policy: str | Non
                    **kw) -> OffloadRuntime:
     """The Engine's entry point: an OffloadRuntime whose expert cache gets what `gpu_mem` leaves
     after the dense weights (None: room for every expert). Call `.attach(model)` once the Model
-    exists so pre-gating policies see hidden states."""
+    exists so pre-gating policies see hidden states. kw includes route_bias=0.0 (LOSSY when > 0:
+    prefer resident experts within that router-probability margin; offload/bias.py)."""
     policy = policy or "expertflow"
     if policy not in POLICIES:
         raise ConfigError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}")

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, EfError
 from ..experts import ExpertProvider
+from .bias import RouteBias, check_margin
 from .cache import ExpertCache
 from .horizon import Horizon
 from .policy import make_policy
@@ -62,6 +63,8 @@ class OffloadRuntime(ExpertProvider):
                    backlog_layers=1.0 (prefetch only into the copy time of that many layers of compute),
                    p_prefetch=0.3 (expertflow: least predicted probability worth a copy),
                    pregate_span=0 (expertflow: pre-gate at least this many layers ahead, else S),
+                   route_bias=0.0 (LOSSY when > 0: on attach, route to resident experts whose router
+                   probability is within this margin of a chosen missing one; bias.py),
                    **policy options)
     then `runtime.attach(model)` so pre-gating policies see hidden states.
     """
@@ -70,7 +73,9 @@ class OffloadRuntime(ExpertProvider):
                  slots: int | None = None, fraction: float | None = None, budget_bytes: int | None = None,
                  store=None, pool=None, engine=None, max_inflight: int = 4, host_bytes: int = 0,
                  backlog_layers: float = 1.0, p_prefetch: float = 0.3, pregate_span: int = 0,
-                 keep_log: bool = True, **policy_kw):
+                 keep_log: bool = True, route_bias: float = 0.0, **policy_kw):
+        self.route_bias = check_margin(route_bias)
+        self.bias: RouteBias | None = None       # the installed hook (route_bias > 0 and attached)
         self.store = store if store is not None else HostStore(source, host_bytes=host_bytes)
         st = self.store
         self.n_slots = resolve_slots(st, slots, fraction, budget_bytes)
@@ -104,6 +109,9 @@ class OffloadRuntime(ExpertProvider):
             raise ConfigError("attach: build the model with experts=this runtime first")
         self.model, self._chained = model, model.on_layer
         model.on_layer = self.on_layer
+        if self.route_bias > 0:                  # lossy, opt-in; 0 leaves routing to the router
+            self.bias = RouteBias(self, model.cfg, self.route_bias, chained=model.route_hook)
+            model.route_hook = self.bias
         return self
 
     def close(self) -> None:
@@ -261,6 +269,9 @@ class OffloadRuntime(ExpertProvider):
         out = self.stats.summary()
         out.update(policy=self.policy.name, slots=self.n_slots, blob_bytes=self.store.blob_nbytes,
                    horizon=self.horizon.value)
+        if self.bias is not None:
+            out.update(route_bias=self.route_bias, rerouted_tokens=self.bias.tokens_changed,
+                       rerouted_experts=self.bias.substitutions)
         if self.policy.predictor is not None:
             out["prediction_recall_by_distance"] = self.policy.predictor.accuracy_by_distance()
         return out
