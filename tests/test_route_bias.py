@@ -1,0 +1,163 @@
+"""Cache-aware routing (offload/bias.py): off = bit-identical; on = only resident substitutes,
+only within the margin, with weights the model's routing variant would give those ids."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from efengine.errors import ConfigError  # noqa: E402
+from efengine.format import EfFile  # noqa: E402
+from efengine.model import Model  # noqa: E402
+from efengine.offload import OffloadRuntime, build_provider  # noqa: E402
+from efengine.offload.bias import bias_routing, router_probs  # noqa: E402
+from efengine.ops import get_backend  # noqa: E402
+
+FAMS = ("mixtral", "qwen3_moe", "deepseek_v2_grouped")
+
+
+def generate(model, steps=6):
+    """Prefill 9 tokens, then greedy decode: all logits [9 + steps, V]."""
+    cache = model.new_cache(32)
+    out = [model.forward(np.array([5, 17, 3, 99, 42, 8, 64, 1, 23]), cache)]
+    for _ in range(steps):
+        out.append(model.forward(np.array([int(out[-1][-1].argmax())]), cache))
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def efs(tiny_ef):
+    return {fam: EfFile(tiny_ef(fam)) for fam in FAMS}
+
+
+def offloaded(ef, margin, slots=3, policy="ondemand"):
+    rt = OffloadRuntime(ef, "numpy", policy=policy, slots=slots, route_bias=margin)
+    model = Model(ef, "numpy", experts=rt)
+    rt.attach(model)
+    return rt, model
+
+
+def recording(rt, model):
+    """Wrap the installed hook: per call (layer, probs, ids in, ids out, weights out, resident)."""
+    calls, hook = [], model.route_hook
+
+    def rec(layer, logits, ids, weights):
+        i = rt.store.index[layer]
+        resident = rt.cache.resident.reshape(rt.cache.L, rt.cache.E)[i].copy()
+        new_ids, new_w = hook(layer, logits, ids, weights)
+        calls.append((layer, router_probs(logits), np.array(ids), np.array(new_ids), np.array(new_w),
+                      np.array(weights), resident))
+        return new_ids, new_w
+    model.route_hook = rec
+    return calls
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_margin_zero_is_bit_identical_and_installs_nothing(efs, fam):
+    ef = efs[fam]
+    ref = generate(Model(ef, "numpy"))
+    rt, model = offloaded(ef, 0.0)
+    assert model.route_hook is None and rt.bias is None
+    assert np.array_equal(generate(model), ref)
+    assert "route_bias" not in rt.summary()
+    rt.close()
+
+
+@pytest.mark.parametrize("fam", FAMS)
+@pytest.mark.parametrize("margin", [0.05, 0.3, 1.0])
+def test_only_resident_substitutes_within_margin_with_consistent_weights(efs, fam, margin):
+    ef = efs[fam]
+    cfg = ef.config
+    total = len(ef.expert_layers) * ef.n_experts
+    rt, model = offloaded(ef, margin, slots=total // 2)
+    calls = recording(rt, model)
+    generate(model)
+    rt.close()
+    n_sub = 0
+    for layer, p, ids, new, w, w_in, resident in calls:
+        for t in range(ids.shape[0]):
+            assert len(set(new[t].tolist())) == cfg.top_k                  # no expert twice
+            if np.array_equal(ids[t], new[t]):
+                assert np.array_equal(w[t], w_in[t])                      # untouched rows keep their bits
+                continue
+            for a in np.flatnonzero(ids[t] != new[t]):
+                old, sub = int(ids[t, a]), int(new[t, a])
+                assert not resident[old] and resident[sub], (layer, t, old, sub)
+                assert sub not in ids[t]                                    # an unchosen expert
+                assert p[t, sub] >= p[t, old] - margin - 1e-7, (p[t, sub], p[t, old], margin)
+                n_sub += 1
+            want = p[t, new[t]]
+            if cfg.norm_topk_prob:
+                want = want / want.sum()
+                assert abs(w[t].sum() - cfg.routed_scaling_factor) < 1e-5
+            np.testing.assert_allclose(w[t], want * cfg.routed_scaling_factor, rtol=1e-6)
+    s = rt.summary()
+    assert s["rerouted_experts"] == n_sub
+    if margin == 1.0:
+        assert n_sub > 0              # half the experts cached: every layer has misses and residents
+
+
+def test_group_limited_never_picks_outside_the_kept_groups(efs):
+    ef = efs["deepseek_v2_grouped"]
+    cfg = ef.config
+    rt, model = offloaded(ef, 1.0, slots=6)
+    calls = recording(rt, model)
+    generate(model)
+    rt.close()
+    G = cfg.n_experts // cfg.n_group
+    for _, p, ids, new, *_ in calls:
+        for t in range(ids.shape[0]):
+            best = p[t].reshape(cfg.n_group, G).max(axis=1)
+            kept = set(np.argsort(-best, kind="stable")[: cfg.topk_group].tolist())
+            assert {int(e) // G for e in new[t]} <= kept
+
+
+def test_bias_routing_substitutes_only_within_margin(efs):
+    cfg = dataclasses.replace(efs["mixtral"].config, n_experts=4, top_k=2, norm_topk_prob=True,
+                              routed_scaling_factor=1.0)
+    # probs of 4 experts: 0.4, 0.3, 0.2, 0.1 (top 2 = {0, 1})
+    logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1]], dtype=np.float32))
+    b = get_backend("numpy")
+    ids, w = b.route(logits, cfg)
+    resident = np.array([True, False, True, False])
+    for margin, want in ((0.05, [0, 1]), (0.099, [0, 1]), (0.11, [0, 2]), (1.0, [0, 2])):
+        new, w2, changed = bias_routing(logits, ids, w, resident, cfg, margin)
+        assert new[0].tolist() == want, margin
+        assert changed[0] == (want != [0, 1])
+        np.testing.assert_allclose(w2[0], np.array([0.4, 0.3 if want[1] == 1 else 0.2]) /
+                                   (0.7 if want[1] == 1 else 0.6), rtol=1e-5)
+    ones = dataclasses.replace(cfg, moe_weighting="ones")
+    _, w3, _ = bias_routing(logits, ids, np.ones_like(w), resident, ones, 0.5)
+    assert np.array_equal(w3, np.ones_like(w3))
+
+
+def test_bias_saves_misses(efs):
+    ef = efs["qwen3_moe"]
+    misses = {}
+    for margin in (0.0, 1.0):
+        rt, model = offloaded(ef, margin, slots=12)
+        generate(model)
+        rt.close()
+        misses[margin] = rt.summary()["misses"]
+    assert misses[1.0] < misses[0.0]
+
+
+def test_bad_margins_and_engine_wiring(efs, tiny_ef):
+    ef = efs["mixtral"]
+    for bad in (-0.1, 1.5, float("nan"), "x"):
+        with pytest.raises(ConfigError, match="route_bias"):
+            OffloadRuntime(ef, policy="ondemand", slots=2, route_bias=bad)
+    rt = build_provider(ef, "numpy", policy="ondemand", route_bias=0.1)
+    assert rt.route_bias == 0.1
+    rt.close()
+    from efengine.engine import Engine
+    with pytest.raises(ConfigError, match="route_bias"):
+        Engine(tiny_ef("mixtral"), device="cpu", route_bias=0.1)
+    with Engine(tiny_ef("mixtral"), device="cpu", policy="ondemand", route_bias=0.1) as eng:
+        assert eng.model.route_hook is not None
+    with Engine(tiny_ef("mixtral"), device="cpu", policy="ondemand") as eng:
+        assert eng.model.route_hook is None
