@@ -2,6 +2,8 @@
 
     efengine bench [--models mixtral-8x7b:q4:q8,qwen1.5-moe-a2.7b:f16:f16] [--ef FILE.ef]
                    [--decode 256] [--context 128] [--prompt 512] [--layers N] [--json OUT]
+    efengine bench --offload [--route-trace gsm8k_2] [--tokens 48] [--layers N]   (scenario O1,
+                   efengine/offload_gpu_bench.py)
 
 Measured, in order: ceilings (device-to-device copy counting read + write, a read-only probe
 kernel, pinned host -> GPU copies, an fp16 8192^3 matmul: H100 runs fp16 and bf16 at the same
@@ -283,6 +285,8 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=64, help="quantization group of synthetic models (default 64)")
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV microbenchmarks")
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of stdout")
+    from .offload_gpu_bench import add_args
+    add_args(p)
     return p.parse_args(args)
 
 
@@ -300,6 +304,10 @@ def main(args: list[str]) -> int:
         props = cupy.cuda.runtime.getDeviceProperties(0)
         res = {"device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
                "cupy": cupy.__version__}
+        if a.offload:                   # scenario O1 (efengine/offload_gpu_bench.py)
+            from . import offload_gpu_bench
+            res["offload"] = offload_gpu_bench.main(a, log)
+            return _emit(res, a)
         res["ceilings"] = ceilings()
         log(table({**res, "models": []}))
         if not a.no_gemv:
@@ -314,13 +322,18 @@ def main(args: list[str]) -> int:
     except EfError as e:
         print(f"efengine bench: {e}", file=sys.stderr)
         return 1
+    _emit(res, a)
+    log(table(res))
+    return 0
+
+
+def _emit(res: dict, a) -> int:
     text = json.dumps(res, indent=1)
     if a.json:
         with open(a.json, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
-    log(table(res))
     return 0
 
 
