@@ -161,3 +161,21 @@ def test_bad_margins_and_engine_wiring(efs, tiny_ef):
         assert eng.model.route_hook is not None
     with Engine(tiny_ef("mixtral"), device="cpu", policy="ondemand") as eng:
         assert eng.model.route_hook is None
+
+
+def test_cli_warns_and_bench_compares_against_lossless(tiny_ef, tmp_path, capsys):
+    from efengine import cli
+    from efengine.route_bias_bench import bench
+    path = tiny_ef("qwen3_moe")
+    rc = cli.main(["generate", str(path), "-p", "Hello", "-n", "3", "--temp", "0", "--policy", "ondemand",
+                   "--route-bias", "0.1", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "LOSSY" in err
+    rc = cli.main(["generate", str(path), "-p", "Hello", "-n", "3", "--temp", "0", "--policy", "ondemand", "-q"])
+    assert rc == 0 and "LOSSY" not in capsys.readouterr().err
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 4)
+    res = bench(str(path), ["ondemand"], [1.0], 0.5, 12, str(text))
+    base, biased = res["rows"]
+    assert base["margin"] == 0 and base["kl_mean"] == 0 and base["agree"] == 1.0 and base["rerouted"] == 0
+    assert biased["rerouted"] > 0 and biased["misses_per_token"] < base["misses_per_token"]
