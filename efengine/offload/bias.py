@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..routing import group_mask, router_probs, topk_weights
 from .policy import route_bias
 
 
@@ -35,37 +36,10 @@ def check_margin(margin) -> float:
     return m
 
 
-def router_probs(logits: np.ndarray) -> np.ndarray:
-    """Softmax [T, E] in float32, the same arithmetic as the numpy backend's route()."""
-    logits = np.asarray(logits, dtype=np.float32)
-    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
-
-
 def eligible_scores(p: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """Scores [T, E] for substitution: the probabilities, with experts the routing variant could
     never pick for that token (outside DeepSeek's kept groups) at -inf so they never qualify."""
-    if cfg.topk_method != "group_limited_greedy":
-        return p
-    T, E = p.shape
-    best = p.reshape(T, cfg.n_group, E // cfg.n_group).max(axis=-1)               # [T, n_group]
-    keep = np.argsort(-best, axis=-1, kind="stable")[:, : cfg.topk_group]
-    mask = np.zeros((T, cfg.n_group), dtype=bool)
-    np.put_along_axis(mask, keep, True, axis=-1)
-    return np.where(np.repeat(mask, E // cfg.n_group, axis=-1), p, -np.inf)
-
-
-def routing_weights(p: np.ndarray, ids: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Weights [T, A] float32 of ids [T, A] under cfg's routing variant: the router probabilities
-    of those ids (or ones), renormalized if norm_topk_prob, times routed_scaling_factor."""
-    w = np.take_along_axis(np.asarray(p, dtype=np.float32), np.asarray(ids, dtype=np.int64), axis=-1)
-    if cfg.moe_weighting == "ones":
-        w = np.ones_like(w)
-    elif cfg.norm_topk_prob:
-        w = w / w.sum(axis=-1, keepdims=True)
-    if cfg.routed_scaling_factor != 1.0:
-        w = w * np.float32(cfg.routed_scaling_factor)
-    return w.astype(np.float32)
+    return group_mask(p, cfg, fill=-np.inf)
 
 
 def bias_routing(logits, ids, weights, resident: np.ndarray, cfg: ModelConfig, margin: float):
@@ -78,7 +52,7 @@ def bias_routing(logits, ids, weights, resident: np.ndarray, cfg: ModelConfig, m
     if not changed.any():
         return ids_h, w_h, changed
     w_new = w_h.copy()
-    w_new[changed] = routing_weights(p[changed], new[changed], cfg)
+    w_new[changed] = topk_weights(p[changed], new[changed], cfg)
     return new, w_new, changed
 
 

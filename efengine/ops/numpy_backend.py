@@ -52,6 +52,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..config import ModelConfig
+from .. import routing
 from ..errors import FormatError
 
 # Attention materializes [G, R, Tb, S] scores; blocks of queries bound that to ~64 MiB.
@@ -140,23 +141,7 @@ class NumpyBackend:
 
     # ---- mixture of experts ------------------------------------------------------------------
     def route(self, logits: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-        logits = logits.astype(np.float32, copy=False)
-        z = logits - logits.max(axis=-1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=-1, keepdims=True)
-        scores = p
-        if cfg.topk_method == "group_limited_greedy":
-            scores = _group_mask(p, cfg.n_group, cfg.topk_group)
-        # stable sort of -score: equal scores keep ascending expert id (deterministic ties)
-        ids = np.argsort(-scores, axis=-1, kind="stable")[:, : cfg.top_k].astype(np.int32)
-        w = np.take_along_axis(scores, ids, axis=-1)
-        if cfg.moe_weighting == "ones":
-            w = np.ones_like(w)
-        elif cfg.norm_topk_prob:
-            w = w / w.sum(axis=-1, keepdims=True)
-        if cfg.routed_scaling_factor != 1.0:
-            w = w * np.float32(cfg.routed_scaling_factor)
-        return ids, w.astype(np.float32)
+        return routing.route(logits, cfg)
 
     def expert_ffn(self, x: np.ndarray, h: ExpertWeights) -> np.ndarray:
         return np.matmul(self.silu_mul(np.matmul(x, h.gate.T), np.matmul(x, h.up.T)), h.down.T)
@@ -166,16 +151,3 @@ class NumpyBackend:
         for a in range(1, y.shape[1]):
             acc = acc + y[:, a] * weights[:, a, None]
         return acc
-
-
-def _group_mask(p: np.ndarray, n_group: int, topk_group: int) -> np.ndarray:
-    """DeepSeek group_limited_greedy: zero every expert outside the topk_group best groups.
-
-    A group's score is its best expert's probability; groups are contiguous runs of E/n_group ids.
-    """
-    T, E = p.shape
-    best = p.reshape(T, n_group, E // n_group).max(axis=-1)                      # [T, n_group]
-    keep = np.argsort(-best, axis=-1, kind="stable")[:, :topk_group]
-    mask = np.zeros((T, n_group), dtype=bool)
-    np.put_along_axis(mask, keep, True, axis=-1)
-    return np.where(np.repeat(mask, E // n_group, axis=-1), p, np.float32(0.0))
