@@ -101,6 +101,7 @@ class OffloadRuntime(ExpertProvider):
         self._stall_prev = 0.0
         self._late_predicted = 0
         self._step_marks = (0, 0)
+        self.defer_use: list | None = None   # OffloadDecodeGraph: slots yielded, used by a later launch
 
     # ---- wiring --------------------------------------------------------------------------------
     def attach(self, model) -> "OffloadRuntime":
@@ -179,9 +180,13 @@ class OffloadRuntime(ExpertProvider):
         """The model has issued its work on (i, e): the slot may be reused once that work is done.
         A CUDA engine records an event on the compute stream here (`fence(slot)`) and makes the copy
         that overwrites the slot wait for it; simulated engines have nothing to fence."""
+        slot = int(self.cache.slot_of[i * self.cache.E + e])
+        if self.defer_use is not None:       # a graph segment launched after begin_layer uses it:
+            self.defer_use.append(slot)      # stays pinned; fenced by the caller after the launch
+            return
         fence = getattr(self.engine, "fence", None)
         if fence is not None:
-            fence(int(self.cache.slot_of[i * self.cache.E + e]))
+            fence(slot)
         self.cache.unpin(i, [e])
 
     def end_layer(self, layer: int) -> None:
