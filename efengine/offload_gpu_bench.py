@@ -12,9 +12,15 @@ warm-up that fills the cache), misses / token, stall / token (CUDA events on the
 CudaEngine), hit rate, bytes copied and achieved copy bandwidth, and two bounds:
   oracle_bound_s = max(resident step, Belady misses / token x expert bytes / measured H2D)
   ondemand_efficiency = (misses / token x per-expert copy time + resident step) / time per token
+(the resident step of the cell's own path: eager or graph, see "Decode path" below)
 with the resident step measured two ways: the same eager Model.forward path with every expert
 resident (`resident_eager_s`, what the offload machinery is compared against) and the CUDA-graph
 decode (`resident_graph_s`, DecodeGraph, the fastest resident step this engine has).
+
+Decode path: by default each cell runs OffloadDecodeGraph (ops/gpu_offload_decode.py: per-layer
+CUDA-graph segments, the runtime between the router and the experts of each MoE layer, the trace's
+ids / weights written into the device ids buffer after each router segment); `--eager` runs
+Model.forward per step with route_hook instead (the JSON's "path" says which).
 
 Replay caveat: the hidden states are the synthetic model's, not the ones that produced the
 trace, so pregate's predictions (next layer's router on those states) are meaningless here: it is
@@ -242,6 +248,53 @@ def _cell(src, store, trace, policy: str, frac: float, a) -> dict:
     return r
 
 
+GRAPH_NOTE = {"pregate": "segmented graph path: no hidden states reach the policy, so pregate never "
+                           "prefetches (demand loads only)"}
+
+
+def _cell_graph(src, store, trace, policy: str, frac: float, a) -> dict:
+    """The cell on OffloadDecodeGraph (per-layer CUDA-graph segments; ops/gpu_offload_decode.py):
+    the trace's ids / weights are written into the device ids buffer after each router segment."""
+    import cupy
+    from .model import Model
+    from .offload import OffloadRuntime
+    from .offload.cuda_engine import CudaEngine
+    from .ops import get_backend
+    from .ops.gpu_offload_decode import OffloadDecodeGraph
+    eng = CudaEngine(direct_pinned=True)
+    rt = OffloadRuntime(src, "cupy", policy=policy, fraction=frac, store=store, engine=eng, keep_log=False)
+    model = Model(src, "cupy", experts=rt)
+    router = TraceRouter(trace, get_backend("numpy"), model.cfg.moe_layers)
+    g = OffloadDecodeGraph(model, rt, model.new_cache(a.warmup + a.tokens + 2), route_hook=router)
+    g.start(1, 0)
+    g.capture()                                 # one eager warm-up step at position 0, undone
+    for step in range(a.warmup + a.tokens):
+        if step == a.warmup:
+            rt.stats = rt.prefetcher.stats = OffloadStats(keep_log=False)
+            g.stream.synchronize()
+            t0 = time.perf_counter()
+        router.t = step
+        g.step()
+    g.stream.synchronize()
+    r = {"tokens": a.tokens, "time_per_token_s": (time.perf_counter() - t0) / max(a.tokens, 1), "path": "graph"}
+    r.update(rt.summary())
+    rt.pool.check()
+    r.update(policy=policy, cache_fraction=frac, direct_pinned_copies=eng.direct_copies,
+             stall_per_token_s=r["stall_s"] / max(a.tokens, 1))
+    note = GRAPH_NOTE.get(policy, REPLAY_NOTE.get(policy))
+    if note:
+        r["replay_note"] = note
+    rt.close()
+    del rt, model, eng, g
+    _free()
+    return r
+
+
+def _graph_ok(cfg) -> bool:
+    """Does the segmented graph decode support this config (else the eager path runs)?"""
+    return cfg.attention == "gqa" and not cfg.qk_norm and cfg.is_moe
+
+
 def run_o1(a, log) -> dict:
     import cupy
     from efconvert.shapes import shape_config
@@ -261,7 +314,8 @@ def run_o1(a, log) -> dict:
     res = {"scenario": "O1", "model": "mixtral-8x7b", "experts": "q4", "dense": "q8", "layers": cfg.n_layers,
            "route_trace": trace.name, "warmup_tokens": a.warmup, "tokens": a.tokens,
            "expert_bytes": src.blob_nbytes, "h2d_pinned_GBps": h2d / 1e9,
-           "per_expert_copy_s": src.blob_nbytes / h2d}
+           "per_expert_copy_s": src.blob_nbytes / h2d,
+           "path": "eager" if getattr(a, "eager", False) or not _graph_ok(cfg) else "graph"}
     res.update(_resident(src, trace, a, log))
     t0 = time.perf_counter()
     n_blobs = min(a.host_blobs, L * E)
@@ -270,14 +324,16 @@ def run_o1(a, log) -> dict:
                         f"(expert f reads blob f mod {n_blobs}); each copy is a full-size pinned "
                         "host->device DMA (CudaEngine direct_pinned)")
     log(f"pinned {n_blobs} blobs of {src.blob_nbytes / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
-    res["replay_notes"] = REPLAY_NOTE
+    res["replay_notes"] = REPLAY_NOTE if res["path"] == "eager" else {**REPLAY_NOTE, **GRAPH_NOTE}
     res["cells"] = []
     for frac in a.fractions:
         slots = max(cfg.top_k, int(frac * L * E))
         bel = belady_misses(trace, slots, a.warmup) / a.tokens
         for policy in a.policies:
-            r = _cell(src, store, trace, policy, frac, a)
-            r.update(bounds(r, blob_bytes=src.blob_nbytes, h2d_Bps=h2d, resident_s=res["resident_eager_s"],
+            r = (_cell(src, store, trace, policy, frac, a) if res["path"] == "eager"
+                 else _cell_graph(src, store, trace, policy, frac, a))
+            step = res["resident_eager_s" if res["path"] == "eager" else "resident_graph_s"]   # same path
+            r.update(bounds(r, blob_bytes=src.blob_nbytes, h2d_Bps=h2d, resident_s=step,
                             belady_per_tok=bel, resident_graph_s=res["resident_graph_s"]))
             res["cells"].append(r)
             log(row(r))
@@ -296,7 +352,7 @@ def row(r: dict) -> str:
 
 
 def table(res: dict) -> str:
-    lines = [f"O1 {res['model']} {res['layers']} layers, trace {res['route_trace']}, {res['tokens']} tokens; "
+    lines = [f"O1 ({res.get('path', 'eager')} path) {res['model']} {res['layers']} layers, trace {res['route_trace']}, {res['tokens']} tokens; "
              f"H2D {res['h2d_pinned_GBps']:.1f} GB/s, expert {res['expert_bytes'] / 1e6:.1f} MB "
              f"({1e3 * res['per_expert_copy_s']:.2f} ms), resident eager {1e3 * res['resident_eager_s']:.2f} ms, "
              f"graph {1e3 * res['resident_graph_s']:.2f} ms", "(!) pregate: " + REPLAY_NOTE["pregate"]]
@@ -312,6 +368,8 @@ def add_args(p) -> None:
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.75],
                    help="--offload: expert cache sizes as fractions of all experts")
     p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    p.add_argument("--eager", action="store_true",
+                   help="--offload: eager Model.forward per step instead of the segmented CUDA-graph decode")
     p.add_argument("--host-blobs", type=int, default=16, help="--offload: distinct pinned host blobs")
 
 
