@@ -50,9 +50,44 @@ class ExpertflowEviction(Eviction):
         self.lru, self.freq = LRU(), DecayedFrequency(0.9)
         self.lru.setup(n_layers, n_experts, n_slots)
         self.freq.setup(n_layers, n_experts, n_slots)
+        self._due = None               # a layer observed but not yet re-predicted (lazy refresh)
         self.P = np.full((n_layers, n_experts), 0.5)          # route head: what to protect
         self.R = self.P                                        # reuse head: eviction ranking
         self.d = np.full(n_layers, n_layers)
+        self._memo: dict = {}          # predicted(S) and next_use() of the current P, R, d
+
+    # P, R, d are re-predicted on first use after an access: a layer whose experts are all resident
+    # needs no victim, so its prediction waits for the planning after the next launch (same values)
+    def _sync(self) -> None:
+        if self._due is not None:
+            self.refresh(self._due)
+
+    @property
+    def P(self) -> np.ndarray:
+        self._sync()
+        return self._P
+
+    @P.setter
+    def P(self, v) -> None:
+        self._P = v
+
+    @property
+    def R(self) -> np.ndarray:
+        self._sync()
+        return self._R
+
+    @R.setter
+    def R(self, v) -> None:
+        self._R = v
+
+    @property
+    def d(self) -> np.ndarray:
+        self._sync()
+        return self._d
+
+    @d.setter
+    def d(self, v) -> None:
+        self._d = v
 
     @property
     def S(self) -> int:
@@ -61,32 +96,49 @@ class ExpertflowEviction(Eviction):
     def on_access(self, layer, experts):
         self.lru.on_access(layer, experts)
         self.freq.on_access(layer, experts)
+        self._sync()                   # the previous access's prediction, if never read, comes first
         self.predictor.observe(layer, experts)
-        self.refresh(layer)
+        self._due = layer
 
     def refresh(self, layer: int, pregate: np.ndarray | None = None) -> np.ndarray:
         """Re-predict after `layer` (with pre-gate probabilities when the hidden state is known)."""
+        self._due = None
         self.P = self.predictor.predict(layer, pregate)
         self.R = self.predictor.P_reuse
         self.d = self.predictor.distances(layer)
         return self.P
 
+    def _cached(self, key, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """Memo of a function of (P, R, d) until one of them is replaced (refresh makes new arrays)."""
+        of = (self.P, self.R, self.d)
+        if self._memo.get("of") is None or any(a is not b for a, b in zip(self._memo["of"], of)):
+            self._memo = {"of": of}
+        v = self._memo.get(key)
+        if v is None:
+            v = self._memo[key] = make()
+        return v
+
     def on_load(self, layer, e, prefetch):
         self.lru.on_load(layer, e, prefetch)
 
     def next_use(self) -> np.ndarray:
-        """T [L*E]: expected layer-steps to each expert's next use."""
+        """T [L*E]: expected layer-steps to each expert's next use (read-only; one per refresh)."""
+        return self._cached("T", self._next_use)
+
+    def _next_use(self) -> np.ndarray:
         p = np.clip(self.R, self.p_min, 1.0)
         return (self.alpha * self.d[:, None] + self.L * (1.0 / p - 1.0)).reshape(-1)
 
     def predicted(self, horizon: int | None = None) -> np.ndarray:
         """bool [L*E]: the top_k predicted experts of each layer within the horizon."""
         S = self.S if horizon is None else horizon
+        return self._cached(S, lambda: self._predicted(S))   # victim() asks once per eviction
+
+    def _predicted(self, S: int) -> np.ndarray:
         A = self.predictor.A
-        top = np.argpartition(-self.P, A - 1, axis=1)[:, :A]
+        rows = np.flatnonzero(self.d <= S)          # only layers inside the horizon (row-wise top-A)
         m = np.zeros((self.L, self.E), dtype=bool)
-        np.put_along_axis(m, top, True, axis=1)
-        m &= (self.d <= S)[:, None]
+        m[rows[:, None], np.argpartition(-self.P[rows], A - 1, axis=1)[:, :A]] = True
         return m.reshape(-1)
 
     def victim(self, candidates, resident, layer):

@@ -78,8 +78,22 @@ class HybridPredictor:
         self.pending = np.zeros((L, L, E, F))                # [target layer, d-1]: features used
         self.pending_ok = np.zeros((L, L), dtype=bool)
         self.seen = 0
+        # features 0..6 (bias, lags, decayed frequencies) change only in the row of the layer just
+        # observed: kept up to date here so features() copies them instead of rebuilding [L, E, F]
+        self.Xbase = np.zeros((L, E, F))
+        self.Xbase[..., 0] = 1.0
         self.acc_hits = np.zeros(L + 1)                      # by distance d (1..L): top-A recall
         self.acc_total = np.zeros(L + 1)
+        self._acc: list = []                                 # (ok, p, y) not yet counted (off-path)
+        d = np.arange(L)[None, :] - np.arange(L)[:, None]
+        self._dist = np.where(d > 0, d, d + L)               # [c, l]: distances(c)
+        self._bkt = bucket_of(self._dist)                    # [c, l]: their buckets
+        self._arL = np.arange(L)
+        self._heads = np.arange(2)[:, None]
+        self._gmask = self.mask[:, None, :] / E              # [2, 1, F] gradient mask and scale
+        self.version = 0                                     # bumped when W or `pending` change
+        self._prep = None                                    # prepare(): (layer, version, ok, X, b, P)
+        self._due = None                                     # (layer, y): a gradient step not yet taken
 
     # ---- learning from what the model routed ---------------------------------------------------
     def begin_step(self) -> None:
@@ -92,71 +106,105 @@ class HybridPredictor:
         used[np.asarray(experts, dtype=np.int64).reshape(-1)] = True
         if layer <= self.current:          # a new step began without begin_step (trace replay)
             self.begin_step()
-        self._learn(layer, used.astype(np.float64))
+        # the gradient step reads only W and the pending predictions, which nothing below touches:
+        # it is taken when W is next needed (predict, prepare), so a layer whose routing needs no
+        # prediction (every expert resident) leaves it to the planning that runs off the critical path
+        self._settle()
+        self._due = (layer, used.astype(np.float64))
         self.lags[layer, 1:] = self.lags[layer, :-1]
         self.lags[layer, 0] = used
         self.freq[:, layer] = self.freq[:, layer] * self.decay + used
-        for dd in range(1, self.span + 1):
-            c = layer - dd
-            if c >= 0 and self.step_used[c].any():
-                self.co[c, dd - 1] += np.outer(self.step_used[c], used)
+        self.Xbase[layer, :, 1:4] = self.lags[layer].T
+        self.Xbase[layer, :, 4:7] = (self.freq[:, layer] * (1.0 - self.decay)).T
+        dd = np.arange(1, self.span + 1)
+        dd = dd[layer - dd >= 0]
+        if dd.size:      # co-activation with this step's earlier layers (rows not routed add zeros)
+            self.co[layer - dd, dd - 1] += self.step_used[layer - dd][:, :, None] * used[None, None, :]
         self.cnt[layer] += used
         self.execs[layer] += 1
         self.step_used[layer] = used
         self.current = layer
         self.seen += 1
 
-    def _learn(self, layer: int, y: np.ndarray) -> None:
+    def prepare(self, layer: int) -> None:
+        """The part of observe(layer) that does not depend on the routing it will see: the forward
+        pass of the predictions pending for `layer`. Call it while the device computes (the runtime
+        does, after planning) so observe() on the decode critical path only applies the gradient.
+        Same numbers as without it: a stale preparation (W or pending changed since) is redone."""
+        self._settle()
+        self._flush_accuracy()
+        if self._prep is not None and self._prep[:2] == (layer, self.version):
+            return
         ok = np.flatnonzero(self.pending_ok[layer])
+        if not ok.size:
+            self._prep = (layer, self.version, ok, None, None, None)
+            return
+        X = self.pending[layer, ok]                                 # [n, E, F]
+        b = bucket_of(ok + 1)
+        # both heads at once: a head's mask zeroes the features it ignores (x * 0 = 0 and
+        # x * 1 = x exactly, so masking the weights equals masking the features)
+        Wm = self.W[:, b] * self.mask[:, None, :]                    # [2, n, F]
+        self._prep = (layer, self.version, ok, X, b, _sigmoid(np.einsum("nef,hnf->hne", X, Wm)))
+
+    def _settle(self) -> None:
+        if self._due is not None:
+            layer, y = self._due
+            self._due = None
+            self._learn(layer, y)
+
+    def _learn(self, layer: int, y: np.ndarray) -> None:
+        self.prepare(layer)
+        _, _, ok, X, b, P = self._prep
+        self._prep = None
         if ok.size:
-            X = self.pending[layer, ok]                             # [n, E, F]
-            b = bucket_of(ok + 1)
-            for h in (0, 1):
-                Xh = X * self.mask[h]
-                p = _sigmoid(np.einsum("nef,nf->ne", Xh, self.W[h, b]))
-                grad = np.einsum("ne,nef->nf", p - y[None, :], Xh) / self.E
-                np.add.at(self.W[h], b, -self.lr * grad)
+            grad = np.einsum("hne,nef->hnf", P - y, X) * self._gmask
+            np.add.at(self.W, (self._heads, b[None, :]), -self.lr * grad)
+            self.version += 1
+            self._acc.append((ok, P[1], y))         # recall bookkeeping: counted off the critical path
+        self.pending_ok[layer] = False
+
+    def _flush_accuracy(self) -> None:
+        for ok, p, y in self._acc:
             top = np.argsort(-p, axis=1, kind="stable")[:, : self.A]
             self.acc_hits[ok + 1] += y[top].sum(1)
             self.acc_total[ok + 1] += min(self.A, int(y.sum()))
-        self.pending_ok[layer] = False
+        self._acc.clear()
 
     # ---- predicting ----------------------------------------------------------------------------
     def distances(self, c: int) -> np.ndarray:
         """[L] layer-steps from having run layer c to the next execution of every layer."""
-        d = np.arange(self.L) - c
-        return np.where(d > 0, d, d + self.L)
+        return self._dist[c].copy()
 
     def features(self, c: int, pregate: np.ndarray | None = None) -> np.ndarray:
         """[L, E, F] features of every candidate for its next execution, layer c just routed."""
         L, E = self.L, self.E
-        X = np.zeros((L, E, self.F))
-        X[..., 0] = 1.0
-        X[..., 1:4] = self.lags.transpose(0, 2, 1)
-        X[..., 4:7] = (self.freq * (1.0 - self.decay)[:, :, None]).transpose(1, 2, 0)
+        X = self.Xbase.copy()
         if c >= 0 and self.span:
             used = self.step_used[c]
-            for dd in range(1, self.span + 1):
-                t = c + dd
-                if t >= L or not used.any():
-                    break
-                marg = (self.cnt[t] + 1.0) / (self.execs[t] + E / self.A)
-                cond = (self.co[c, dd - 1][used] + marg) / (self.cnt[c][used, None] + 1.0)  # [u, E]
-                X[t, :, 7] = np.log(cond.mean(0) / marg)
+            t = np.arange(c + 1, min(c + self.span, L - 1) + 1)
+            if t.size and used.any():
+                marg = (self.cnt[t] + 1.0) / (self.execs[t] + E / self.A)[:, None]          # [n, E]
+                co = self.co[c, t - c - 1][:, used]                                          # [n, u, E]
+                cond = (co + marg[:, None, :]) / (self.cnt[c][used, None] + 1.0)
+                X[t, :, 7] = np.log(cond.sum(1) / cond.shape[1] / marg)      # = mean(1), bit for bit
                 X[t, :, 8] = 1.0
         if pregate is not None:
             pg = np.asarray(pregate, dtype=np.float64)
             have = ~np.isnan(pg).any(axis=1)
-            X[have, :, 9] = pg[have]
-            X[have, :, 10] = 1.0
-        have = X[..., 10] > 0
-        pg = np.clip(X[..., 9], CLIP, 1.0 - CLIP)
-        X[..., 11] = np.where(have, np.log(pg / (1.0 - pg)), 0.0)
+            if have.any():
+                self._pregate_features(X, pg, have)
+        return X
+
+    def _pregate_features(self, X: np.ndarray, pg: np.ndarray, have: np.ndarray) -> None:
+        """Columns 9..12 of the rows `have` [L] that have a pre-gate score (others stay 0)."""
+        X[have, :, 9] = pg[have]
+        X[have, :, 10] = 1.0
+        q = np.clip(pg[have], CLIP, 1.0 - CLIP)
+        X[have, :, 11] = np.log(q / (1.0 - q))
         # in the pre-gate's top_k: the router's own choice, whatever its calibration (measured on the
         # demo model: the logit alone let SGD trade ranking for log-loss, recall at d=1 0.80 -> 0.90)
-        rank = np.argsort(np.argsort(-np.where(have, X[..., 9], -1.0), axis=1, kind="stable"), axis=1)
-        X[..., 12] = have & (rank < self.A)
-        return X
+        rank = np.argsort(np.argsort(-pg[have], axis=1, kind="stable"), axis=1)
+        X[have, :, 12] = rank < self.A
 
     def predict(self, c: int, pregate: np.ndarray | None = None) -> np.ndarray:
         """P [L, E]: probability of use at each layer's next execution, layer c having just routed
@@ -164,27 +212,34 @@ class HybridPredictor:
 
         `pregate` [L, E] (NaN rows where absent): router probabilities of the later layers applied
         to the current hidden state, scaled so a row sums to top_k (the chance to be picked)."""
+        self._settle()
         X = self.features(c, pregate)
-        d = self.distances(c)
-        self.pending[np.arange(self.L), d - 1] = X
-        self.pending_ok[np.arange(self.L), d - 1] = True
+        d = self._dist[c]
+        self.pending[self._arL, d - 1] = X
+        self.pending_ok[self._arL, d - 1] = True
+        self.version += 1
         if self.seen < self.warmup:
             self.P_reuse = self._fallback(X)
             return self.P_reuse
-        Wb = self.W[:, bucket_of(d)]                                  # [2, L, F]
-        self.P_reuse = _sigmoid(np.einsum("lef,lf->le", X * self.mask[0], Wb[0]))
-        return _sigmoid(np.einsum("lef,lf->le", X, Wb[1]))
+        Wb = self.W[:, self._bkt[c]] * self.mask[:, None, :]        # [2, L, F] (heads' masks on W)
+        P = _sigmoid(np.einsum("lef,hlf->hle", X, Wb))
+        self.P_reuse = P[0]
+        return P[1]
 
     def _fallback(self, X: np.ndarray) -> np.ndarray:
         p = np.clip(X[..., 5], 0.0, 1.0)                     # decayed frequency (0.9)
         return np.where(X[..., 10] > 0, np.clip(X[..., 9], 0.0, 1.0), p)
 
     def reset_accuracy(self) -> None:
+        self._settle()
+        self._acc.clear()
         self.acc_hits[:] = 0
         self.acc_total[:] = 0
 
     def accuracy_by_distance(self) -> dict[int, float]:
         """Top-A recall of the predictions made d layer-steps ahead (d -> fraction)."""
+        self._settle()
+        self._flush_accuracy()
         return {d: round(float(self.acc_hits[d] / self.acc_total[d]), 4)
                 for d in range(1, self.L + 1) if self.acc_total[d] > 0}
 

@@ -252,6 +252,9 @@ class OffloadRuntime(ExpertProvider):
         T = ev.next_use()
         self.prefetcher.pump(self.tick, protect=protect, worth=lambda f, v: v < 0 or T[f] < T[v],
                              max_backlog=self._backlog_bytes())
+        # still off the critical path (the device runs the segment queued before end_layer): the
+        # predictor's forward pass for the next layer, so its begin_layer only applies the update
+        self.policy.predictor.prepare((i + 1) % st.L)
 
     def _p_admit(self) -> float:
         """Least predicted probability worth a speculative copy: a copy that is not used costs the
