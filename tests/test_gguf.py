@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+pytest.importorskip("gguf", reason="GGUF tests need the gguf package (a declared dependency)")
 from gguf import GGMLQuantizationType as GT
 from gguf import quants
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytest.importorskip("gguf", reason="GGUF tests need the gguf package (a declared dependency)")
 import gguf_tiny
 from efconvert import moefy
 from efconvert.gguf_convert import convert_gguf
