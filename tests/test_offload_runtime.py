@@ -173,3 +173,19 @@ def test_sources_without_blobs_are_packed(models):
     rt.attach(model)
     assert np.array_equal(generate(model), ref)
     rt.close()
+
+
+def test_gpu_budget_above_free_memory_is_a_clear_error(monkeypatch):
+    """The check runs before anything is allocated; a stand-in cupy reports 1 GiB free."""
+    import sys
+    import types
+
+    from efengine.errors import ConfigError
+    from efengine.offload import _check_free
+
+    runtime = types.SimpleNamespace(memGetInfo=lambda: (1 << 30, 80 << 30))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
+    _check_free(1 << 29, "cupy")                     # half the free memory: fine
+    _check_free(4 << 30, "numpy")                    # the numpy backend has no GPU to check
+    with pytest.raises(ConfigError, match="more than the GPU's free memory"):
+        _check_free(2 << 30, "cupy")

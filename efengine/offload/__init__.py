@@ -21,6 +21,18 @@ def dense_nbytes(ef) -> int:
     return int(sum(t.nbytes for t in ef.tensors.values()))
 
 
+def _check_free(gpu_mem: int, backend) -> None:
+    """A budget above the GPU's free memory would fail later inside an allocation: say so now."""
+    name = backend if isinstance(backend, str) else getattr(backend, "name", "numpy")
+    if name != "cupy":
+        return                     # the numpy backend simulates the device pool in host memory
+    import cupy
+    free, total = cupy.cuda.runtime.memGetInfo()
+    if gpu_mem > free:
+        raise ConfigError(f"gpu_mem={gpu_mem / 2**30:.2f} GiB is more than the GPU's free memory "
+                          f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB); lower --gpu-mem")
+
+
 def build_provider(ef, backend, *, gpu_mem: int | None = None, policy: str | None = None,
                    **kw) -> OffloadRuntime:
     """The Engine's entry point: an OffloadRuntime whose expert cache gets what `gpu_mem` leaves
@@ -32,6 +44,7 @@ def build_provider(ef, backend, *, gpu_mem: int | None = None, policy: str | Non
         raise ConfigError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}")
     budget = None
     if gpu_mem is not None:
+        _check_free(int(gpu_mem), backend)
         budget = int(gpu_mem) - dense_nbytes(ef)
         if budget < ef.blob_nbytes:
             raise ConfigError(f"gpu_mem={gpu_mem} bytes does not hold the dense weights ({dense_nbytes(ef)} bytes) "
