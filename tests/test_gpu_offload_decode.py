@@ -12,6 +12,8 @@ try:
 except Exception:  # noqa: BLE001
     HAVE_GPU = False
 
+from offload_helpers import HostBlobs  # noqa: E402
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -39,21 +41,6 @@ def _resident_tokens(src):
     c = m.new_cache(64)
     first = int(m.forward(np.array(PROMPT), c)[-1].argmax())
     return first, DecodeGraph(m, pool, c).generate(first, N)
-
-
-class HostBlobs:
-    """The source's expert blobs from host memory (as from a mapped .ef)."""
-
-    def __init__(self, src):
-        self.src, self.blobs = src, {}
-
-    def __getattr__(self, name):
-        return getattr(self.src, name)
-
-    def expert_blob(self, layer, e):
-        if (layer, e) not in self.blobs:
-            self.blobs[layer, e] = cp.asnumpy(self.src.expert_blob(layer, e))
-        return self.blobs[layer, e]
 
 
 @pytest.mark.parametrize("shared", [False, True])

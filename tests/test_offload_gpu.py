@@ -11,23 +11,9 @@ try:
 except Exception:  # noqa: BLE001
     HAVE_GPU = False
 
+from offload_helpers import HostBlobs  # noqa: E402
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
-
-
-class HostBlobs:
-    """A DeviceRandomSource whose expert blobs come from host memory (as from a mapped .ef)."""
-
-    def __init__(self, src):
-        self.src = src
-        self.blobs = {}
-
-    def __getattr__(self, name):
-        return getattr(self.src, name)
-
-    def expert_blob(self, layer, e):
-        if (layer, e) not in self.blobs:
-            self.blobs[layer, e] = cp.asnumpy(self.src.expert_blob(layer, e))
-        return self.blobs[layer, e]
 
 
 def run(model, steps=4):

@@ -13,15 +13,7 @@ from efengine.format import EfFile  # noqa: E402
 from efengine.model import Model  # noqa: E402
 from efengine.offload import OffloadRuntime, build_provider  # noqa: E402
 from efengine.offload.prefetch import ThreadEngine, VirtualEngine  # noqa: E402
-
-
-def generate(model, steps=5):
-    """Prefill 9 tokens, then greedy decode: all logits [9 + steps, V]."""
-    cache = model.new_cache(32)
-    out = [model.forward(np.array([5, 17, 3, 99, 42, 8, 64, 1, 23]), cache)]
-    for _ in range(steps):
-        out.append(model.forward(np.array([int(out[-1][-1].argmax())]), cache))
-    return np.concatenate(out)
+from offload_helpers import greedy_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +22,7 @@ def models(tiny_ef):
     out = {}
     for fam, experts in (("mixtral", "q4"), ("qwen2_moe", "f32"), ("deepseek_v2", "q8")):
         ef = EfFile(tiny_ef(fam, experts=experts))
-        out[fam] = (ef, generate(Model(ef, "numpy")))
+        out[fam] = (ef, greedy_logits(Model(ef, "numpy"), steps=5))
     return out
 
 
@@ -49,7 +41,7 @@ def test_bit_identical_to_resident(models, fam, policy):
     for slots, engine in ((1, None), (3, ThreadEngine(bandwidth=50e6)), (total // 2, VirtualEngine(1e9)),
                           (total, None)):
         rt, model = offloaded(ef, policy, slots, engine)
-        got = generate(model)
+        got = greedy_logits(model, steps=5)
         rt.cache.check()
         rt.close()
         assert np.array_equal(got, ref), (fam, policy, slots)
@@ -63,7 +55,7 @@ def test_bit_identical_to_resident(models, fam, policy):
 def test_stats_log_and_prefetch_accounting(models):
     ef, ref = models["mixtral"]
     rt, model = offloaded(ef, "expertflow", 6)
-    assert np.array_equal(generate(model, steps=8)[: len(ref)], ref)
+    assert np.array_equal(greedy_logits(model, steps=8)[: len(ref)], ref)
     s = rt.summary()
     assert len(rt.stats.log) == s["steps"] == 9
     assert sum(e["misses"] for e in rt.stats.log) == s["misses"]
@@ -80,7 +72,7 @@ def test_the_pool_serves_the_right_bytes(models):
     """Loads land in the slot the table names (checked against the file itself)."""
     ef, _ = models["mixtral"]
     rt, model = offloaded(ef, "ondemand", 4)
-    generate(model, steps=2)
+    greedy_logits(model, steps=2)
     for (layer, e), slot in rt.pool.where.items():
         assert rt.pool.table[layer, e] == slot
         assert np.array_equal(rt.pool.data[slot], ef.expert_blob(layer, e))
@@ -171,7 +163,7 @@ def test_sources_without_blobs_are_packed(models):
     rt = OffloadRuntime(src, "numpy", policy="expertflow", slots=3)
     model = Model(src, "numpy", experts=rt)
     rt.attach(model)
-    assert np.array_equal(generate(model), ref)
+    assert np.array_equal(greedy_logits(model, steps=5), ref)
     rt.close()
 
 

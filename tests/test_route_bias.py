@@ -15,18 +15,10 @@ from efengine.format import EfFile  # noqa: E402
 from efengine.model import Model  # noqa: E402
 from efengine.offload import OffloadRuntime, build_provider  # noqa: E402
 from efengine.offload.bias import bias_routing, router_probs  # noqa: E402
+from offload_helpers import greedy_logits  # noqa: E402
 from efengine.ops import get_backend  # noqa: E402
 
 FAMS = ("mixtral", "qwen3_moe", "deepseek_v2_grouped")
-
-
-def generate(model, steps=6):
-    """Prefill 9 tokens, then greedy decode: all logits [9 + steps, V]."""
-    cache = model.new_cache(32)
-    out = [model.forward(np.array([5, 17, 3, 99, 42, 8, 64, 1, 23]), cache)]
-    for _ in range(steps):
-        out.append(model.forward(np.array([int(out[-1][-1].argmax())]), cache))
-    return np.concatenate(out)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +51,10 @@ def recording(rt, model):
 @pytest.mark.parametrize("fam", FAMS)
 def test_margin_zero_is_bit_identical_and_installs_nothing(efs, fam):
     ef = efs[fam]
-    ref = generate(Model(ef, "numpy"))
+    ref = greedy_logits(Model(ef, "numpy"), steps=6)
     rt, model = offloaded(ef, 0.0)
     assert model.route_hook is None and rt.bias is None
-    assert np.array_equal(generate(model), ref)
+    assert np.array_equal(greedy_logits(model, steps=6), ref)
     assert "route_bias" not in rt.summary()
     rt.close()
 
@@ -75,7 +67,7 @@ def test_only_resident_substitutes_within_margin_with_consistent_weights(efs, fa
     total = len(ef.expert_layers) * ef.n_experts
     rt, model = offloaded(ef, margin, slots=total // 2)
     calls = recording(rt, model)
-    generate(model)
+    greedy_logits(model, steps=6)
     rt.close()
     n_sub = 0
     for layer, p, ids, new, w, w_in, resident in calls:
@@ -106,7 +98,7 @@ def test_group_limited_never_picks_outside_the_kept_groups(efs):
     cfg = ef.config
     rt, model = offloaded(ef, 1.0, slots=6)
     calls = recording(rt, model)
-    generate(model)
+    greedy_logits(model, steps=6)
     rt.close()
     G = cfg.n_experts // cfg.n_group
     for _, p, ids, new, *_ in calls:
@@ -140,7 +132,7 @@ def test_bias_saves_misses(efs):
     misses = {}
     for margin in (0.0, 1.0):
         rt, model = offloaded(ef, margin, slots=12)
-        generate(model)
+        greedy_logits(model, steps=6)
         rt.close()
         misses[margin] = rt.summary()["misses"]
     assert misses[1.0] < misses[0.0]

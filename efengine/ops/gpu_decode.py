@@ -177,10 +177,20 @@ class DecodeGraph:
         return {"ybuf": self.fy, "A": 1}
 
     def _moe(self, l: int, w) -> dict:
-        cfg, pool, A = self.cfg, self.pool, self.cfg.top_k
+        self._route(l)
+        return self._experts(l)
+
+    def _route(self, l: int) -> None:
+        """Router product and top-k of layer l on the device: writes ids, rw (and sg, the shared gate)."""
+        w = self.layers[l]["w"]
         gate_sh = w.get("ffn_gate_inp_shexp")
-        ops.router(w["ffn_gate_inp"], 1, self.x32, self.prepD if w["ffn_gate_inp"].quantized else None, cfg,
+        ops.router(w["ffn_gate_inp"], 1, self.x32, self.prepD if w["ffn_gate_inp"].quantized else None, self.cfg,
                    self.ids, self.rw, extra=gate_sh, extra_out=self.sg if gate_sh is not None else None)
+
+    def _experts(self, l: int) -> dict:
+        """Routed experts of layer l through the slot table, then the shared expert; returns what the
+        next norm must add (the per-rank outputs, in rank order, and the shared expert's)."""
+        cfg, pool, A, w = self.cfg, self.pool, self.cfg.top_k, self.layers[l]["w"]
         src = ops.Experts(base=pool.base, stride=pool.stride, ids=self.ids,
                           table=addr(pool.table) + l * pool.E * 4, E=pool.E, err=pool.err)
         if "moe" not in self.skip:
@@ -190,7 +200,7 @@ class DecodeGraph:
         if cfg.n_shared_experts:
             self._dense_ffn(w["ffn_gate_shexp"], w["ffn_up_shexp"], w["ffn_down_shexp"])
             pend["add2"] = self.fy
-            if gate_sh is not None:
+            if w.get("ffn_gate_inp_shexp") is not None:
                 pend["add2_gate"] = self.sg
         return pend
 

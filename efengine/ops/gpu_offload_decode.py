@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import ConfigError
 from . import gpu_ops as ops
 from .gpu_decode import DecodeGraph
-from .gpu_kernels import addr, cupy
+from .gpu_kernels import cupy
 
 
 class OffloadDecodeGraph(DecodeGraph):
@@ -59,7 +59,7 @@ class OffloadDecodeGraph(DecodeGraph):
             if L["moe"]:
                 cur.append(lambda l=l: self._route(l))
                 segs.append((l, cur))
-                cur = [lambda l=l: self._experts(l)]
+                cur = [lambda l=l: self._experts_into_pend(l)]
             else:
                 cur.append(lambda l=l: self._set_pend(self._dense(self.layers[l]["w"])))
         cur.append(self._final)
@@ -91,26 +91,9 @@ class OffloadDecodeGraph(DecodeGraph):
         self._gemv(self.layers[l]["o_desc"][self.cur], [Wo], o2, self.prepO if Wo.quantized else None)
         self._norm(w["ffn_norm"], {})
 
-    def _route(self, l: int) -> None:
-        w = self.layers[l]["w"]
-        gate_sh = w.get("ffn_gate_inp_shexp")
-        ops.router(w["ffn_gate_inp"], 1, self.x32, self.prepD if w["ffn_gate_inp"].quantized else None, self.cfg,
-                   self.ids, self.rw, extra=gate_sh, extra_out=self.sg if gate_sh is not None else None)
-
-    def _experts(self, l: int) -> None:
-        """DecodeGraph._moe after the router: routed experts through the slot table, shared expert."""
-        cfg, pool, A, w = self.cfg, self.pool, self.cfg.top_k, self.layers[l]["w"]
-        src = ops.Experts(base=pool.base, stride=pool.stride, ids=self.ids,
-                          table=addr(pool.table) + l * pool.E * 4, E=pool.E, err=pool.err)
-        ops.moe_gateup(src, self.gate, self.up, A, A, self.x32, self.prepD, self.hbuf, self.hprep)
-        ops.moe_down(src, self.down, A, self.hbuf, self.hprep, self.rw, self.ybuf)
-        pend = {"ybuf": self.ybuf, "A": A}
-        if cfg.n_shared_experts:
-            self._dense_ffn(w["ffn_gate_shexp"], w["ffn_up_shexp"], w["ffn_down_shexp"])
-            pend["add2"] = self.fy
-            if w.get("ffn_gate_inp_shexp") is not None:
-                pend["add2_gate"] = self.sg
-        self.pend = pend
+    def _experts_into_pend(self, l: int) -> None:
+        """DecodeGraph._experts of layer l; what the next norm adds is kept for the next segment."""
+        self.pend = self._experts(l)
 
     def _final(self) -> None:
         m = self.model
