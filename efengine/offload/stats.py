@@ -4,6 +4,12 @@ Stall is time the compute side spent waiting for a copy it needed now (simulated
 engine's clock; GPU: CUDA events on the compute stream). A miss is an expert that was neither
 resident nor in flight when its layer routed to it; a late prefetch is one that was in flight
 but not yet landed (it stalls, but less than a miss).
+
+Timeline (None = not recording; set it to [] to record the next `timeline_steps` steps): events
+  {"step": int, "layer": int (model layer), "kind": "compute" | "copy" | "stall",
+   "t0": float, "t1": float (seconds from the start of recording), "expert": int | None}
+"compute" is a layer's device work (or a graph segment), "copy" one expert's host->device copy
+(expert = flat id i*E+e), "stall" the compute side waiting for a copy. efengine/plot.py draws it.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ class OffloadStats:
     prefetch_dropped: int = 0     # requests dropped (deadline passed or already resident)
     log: list = field(default_factory=list)
     keep_log: bool = True
+    timeline: list | None = None  # recorded events (format above); None = off
+    timeline_steps: int = 4       # steps recorded once timeline is a list
     _step: dict = field(default_factory=dict)
 
     def begin_step(self, n_tokens: int, clock: float) -> None:
