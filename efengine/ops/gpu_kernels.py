@@ -9,7 +9,6 @@ scalars and ptr(a) for optional arrays (None becomes a null pointer).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,11 @@ except ImportError:          # importable without CuPy; only launching needs it
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 MODULES = {
-    "gemv": ("common.cuh", "dot.cuh", "stream.cuh", "gemv.cu", "gemv1.cu"),
+    "gemv": ("common.cuh", "dot.cuh", "stream.cuh", "gemv.cu"),
     "attn": ("common.cuh", "attn.cu"),
     "misc": ("common.cuh", "misc.cu"),
 }
-OPTIONS = ("--std=c++17", f"-DX1_STAGES={int(os.environ.get('EFENGINE_X1_STAGES', 4))}")
+OPTIONS = ("--std=c++17",)
 _modules: dict[str, object] = {}
 _kernels: dict[tuple[str, str], object] = {}
 LAUNCHES = [0]          # kernels launched through launch() (the bench counts a decode step's)
@@ -64,19 +63,18 @@ def launch(module: str, name: str, grid, block, args, shared: int = 0) -> None:
     k(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args), shared_mem=int(shared))
 
 
-_resident: dict[tuple[str, str, int, int], int] = {}
+_resident: dict[tuple[str, str, int], int] = {}
 
 
-def resident_blocks(module: str, name: str, threads: int, dyn_smem: int = 0) -> int:
-    """How many blocks of `threads` (and dyn_smem bytes of dynamic shared memory) the whole GPU
-    holds at once (by registers and shared memory): the size of a persistent grid."""
-    key = (module, name, threads, dyn_smem)
+def resident_blocks(module: str, name: str, threads: int) -> int:
+    """How many blocks of `threads` the whole GPU holds at once (by registers): the size of a
+    persistent grid."""
+    key = (module, name, threads)
     n = _resident.get(key)
     if n is None:
         k = kernel(module, name)
         regs = max(1, (int(k.num_regs) + 7) // 8 * 8)
-        smem = int(k.shared_size_bytes) + dyn_smem + 1024     # the driver reserves 1 KiB a block
-        per_sm = max(1, min(32, 2048 // threads, 65536 // (regs * threads), 228 * 1024 // smem))
+        per_sm = max(1, min(2048 // threads, 65536 // (regs * threads)))
         sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
         n = _resident[key] = per_sm * sms
     return n

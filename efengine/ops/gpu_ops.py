@@ -9,9 +9,7 @@ The functions take preallocated outputs where a captured CUDA graph needs fixed 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -23,64 +21,6 @@ from .gpu_weights import GpuWeight, PartPlace
 GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
 GEMV_RW = {1: 2, 2: 2, 4: 2, 8: 1}
 ATT_WARPS = 4
-
-# One-token products on q4 / q8 weights use the x-resident kernels of gemv1.cu where they fill
-# the GPU ("auto": at least X1_MIN_WARPS warps an SM when tasks are cut to 8 rows; gate/up tasks
-# are always 32 rows), else the row stream of stream.cuh.
-# "on" forces them wherever they apply (tests), "off" never (the bench compares both).
-X1 = os.environ.get("EFENGINE_X1", "off")
-X1_CPL = 2                      # chunks of 32 codes a lane (gemv1.cu X1_CPL)
-X1_MIN_WARPS = 4
-X1_MAX_KS = 8                   # warps a block at most (gemv1.cu X1_MAX_KS): K <= 16384
-X1_STAGES = int(os.environ.get("EFENGINE_X1_STAGES", 4))   # gemv1.cu's ring depth (compiled in)
-X1_SM_BYTES = 128               # gemv1.cu: scale bytes of a warp's slice row
-X1_LAUNCHES = [0]               # launches that took the x-resident kernels (tests check it)
-
-
-def _x1_warps(Kp: int) -> int:
-    """Warps a block of the x-resident kernels for rows of Kp codes (0: K too long for them)."""
-    ks = cdiv(Kp // 32, 32 * X1_CPL)
-    return ks if ks <= X1_MAX_KS else 0
-
-
-def _x1_smem(qtype: str, ks: int) -> int:
-    """Dynamic shared memory of an x-resident block: X1_STAGES steps a warp (gemv1.cu X1Stage)."""
-    code = 2 * X1_CPL * (1 if qtype == "q4" else 2) * 512
-    return ks * X1_STAGES * (code + 4 * X1_SM_BYTES)
-
-
-def _x1_use(qtype: str, Kp: int, gshift: int, ntasks: int) -> bool:
-    groups = Kp >> (gshift + 5)
-    if X1 == "off" or qtype not in ("q4", "q8") or not _x1_warps(Kp) or groups % 2 or gshift > 5:
-        return False          # scale pairs are copied 4 bytes at a time: even group counts only
-    if X1 == "on":
-        X1_LAUNCHES[0] += 1
-        return True
-    ok = ntasks * _x1_warps(Kp) >= X1_MIN_WARPS * _sms()
-    X1_LAUNCHES[0] += ok
-    return ok
-
-
-@lru_cache(maxsize=None)
-def _sms() -> int:
-    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-
-
-def _x1_launch(name: str, qtype: str, ks: int, ntasks: int, args: tuple) -> None:
-    smem = _x1_smem(qtype, ks)
-    grid = min(ntasks, resident_blocks("gemv", name, 32 * ks, smem))
-    launch("gemv", name, (grid,), (32 * ks,), args, shared=smem)
-
-
-def _x1_spt(name: str, qtype: str, ks: int, steps: list[int]) -> tuple[int, int]:
-    """(steps a task, tasks) for x-resident launches whose tasks may be cut freely: the longest
-    tasks (fewest block barriers) that still give every resident block two of them."""
-    resident = resident_blocks("gemv", name, 32 * ks, _x1_smem(qtype, ks))
-    for spt in (32, 16, 8, 4, 2, 1):
-        ntasks = sum(cdiv(s, spt) for s in steps)
-        if ntasks >= 2 * resident:
-            break
-    return spt, ntasks
 
 
 def _f32c(a, what: str):
@@ -165,12 +105,6 @@ def gemv_launch(desc, weights: list, T: int, x32, prep: XPrep | None) -> None:
             raise ConfigError(f"gemv: float weights need contiguous float32 x [T, {W.K}]")
         xh = xs = xc = None
         KX, ldx = 0, W.K
-    if T == 1 and _x1_use(W.qtype, W.Kp, W.gshift, sum(cdiv(w.N, 8) for w in weights)):
-        ks, name = _x1_warps(W.Kp), f"gemv1_{W.qtype}"
-        spt, ntasks = _x1_spt(name, W.qtype, ks, [cdiv(w.N, 2) for w in weights])
-        _x1_launch(name, W.qtype, ks, ntasks, (desc, i32(len(weights)), i32(ntasks), i32(spt), i32(W.Kp),
-                                               i32(W.gshift), xh, xs, xc, i32(KX)))
-        return
     rw = GEMV_RW[T]
     ntasks = sum(cdiv(w.N, rw) for w in weights)
     name = f"gemv_{W.qtype}_t{T}"
@@ -317,15 +251,6 @@ def moe_gateup(src: Experts, gate: Mat, up: Mat, P: int, A: int, x32, prep: XPre
         raise ConfigError(f"moe_gateup: hout must be [>= {P}, {gate.N}] float32")
     if hprep is not None and (hprep.KX < cdiv(gate.N, 32) * 32 or hprep.R < P):
         raise ConfigError("moe_gateup: hprep too short")
-    if _x1_use(gate.qtype, gate.Kp, gate.gshift, P * cdiv(gate.N, 32)):
-        ks, ntasks = _x1_warps(gate.Kp), P * cdiv(gate.N, 32)
-        _x1_launch(f"moe1_gateup_{gate.qtype}", gate.qtype, ks, ntasks,
-                   (i32(ntasks), ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base),
-                    i64(src.stride), u64(gate.q), u64(gate.s), u64(gate.m), u64(up.q), u64(up.s), u64(up.m),
-                    i32(gate.N), i32(gate.Kp), i32(gate.gshift), i32(A), prep.xh, prep.xs, prep.xc, i32(prep.KX),
-                    hout, i32(hout.strides[0] // 4), ptr(hprep and hprep.xh), ptr(hprep and hprep.xs),
-                    ptr(hprep and hprep.xc), i32(0 if hprep is None else hprep.KX)))
-        return
     name = f"moe_gateup_{gate.qtype}"
     ntasks = P * cdiv(gate.N, 2)
     launch("gemv", name, (min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256)),), (256,),
@@ -346,14 +271,6 @@ def moe_down(src: Experts, down: Mat, P: int, h32, hprep: XPrep | None, rw, y) -
         raise ConfigError("moe_down: float experts need h [P, I] float32")
     if y.shape[0] < P or y.shape[1] != down.N:
         raise ConfigError(f"moe_down: y must be [>= {P}, {down.N}]")
-    if _x1_use(down.qtype, down.Kp, down.gshift, P * cdiv(down.N, 8)):
-        ks, name = _x1_warps(down.Kp), f"moe1_down_{down.qtype}"
-        spt, ntasks = _x1_spt(name, down.qtype, ks, [cdiv(down.N, 2)] * P)
-        _x1_launch(name, down.qtype, ks, ntasks,
-                   (i32(ntasks), i32(spt), ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base),
-                    i64(src.stride), u64(down.q), u64(down.s), u64(down.m), i32(down.N), i32(down.Kp),
-                    i32(down.gshift), hprep.xh, hprep.xs, hprep.xc, i32(hprep.KX), ptr(rw), y, i32(y.strides[0] // 4)))
-        return
     name = f"moe_down_{down.qtype}"
     ntasks = P * cdiv(down.N, 2)
     launch("gemv", name, (min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256)),), (256,),
