@@ -149,3 +149,18 @@ def test_route_bias_substitutes_close_resident_experts():
     two_missing = route_bias(np.array([[5.0, 4.9, 4.8, 4.7]]), np.array([[0, 1]]),
                              np.array([False, False, True, False]), 1.0)
     assert sorted(two_missing[0].tolist()) == [1, 2]   # one resident expert serves one choice only
+
+
+def test_pregate_probs_keep_the_routers_order_when_sharp():
+    # a sharp router: the naive 1 - (1 - softmax)^k rounds every unlikely expert to exactly 0
+    logits = np.array([[40.0, 0.0, -5.0, 3.0, -20.0, 1.0]])
+    p = pregate_probs(logits, 2)
+    assert np.array_equal(np.argsort(-p, kind="stable"), np.argsort(-logits[0], kind="stable"))
+    assert p[0] == 1.0 and (p[1:] > 0).all()
+    soft = np.array([[0.5, 0.1, -0.3, 0.2]])        # far from saturation: the direct formula
+    s = np.exp(soft[0] - soft.max())
+    s /= s.sum()
+    np.testing.assert_allclose(pregate_probs(soft, 3), 1 - (1 - s) ** 3, rtol=1e-12)
+    two = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, -1.0]])   # union over tokens: 1 - prod(1 - p_t)
+    per = [pregate_probs(two[t:t + 1], 1) for t in range(2)]
+    np.testing.assert_allclose(pregate_probs(two, 1), 1 - (1 - per[0]) * (1 - per[1]), rtol=1e-12)

@@ -247,12 +247,15 @@ class HybridPredictor:
 def pregate_probs(logits: np.ndarray, top_k: int) -> np.ndarray:
     """Router logits [T, E] of a later layer on the current hidden state -> chance to be picked [E]
     by any of the T tokens: 1 - (1 - softmax)^top_k per token (picked in top_k draws; keeps the
-    router's order, unlike a cap at 1), then 1 - prod(1 - p) over tokens."""
+    router's order, unlike a cap at 1), then 1 - prod(1 - p) over tokens. Computed through
+    log1p / expm1: written directly, a sharp router's unlikely experts (softmax below ~1e-16) all
+    round to exactly 0 and tie, and the pre-gate's top-k feature would then break ties by expert id."""
     z = logits - logits.max(axis=-1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
-    p = 1.0 - (1.0 - p) ** top_k
-    return 1.0 - np.prod(1.0 - p, axis=0)
+    with np.errstate(divide="ignore"):                        # p == 1: log 0 = -inf -> probability 1
+        log_miss = top_k * np.log1p(-np.minimum(p, 1.0))      # log (1 - p)^top_k per token
+    return -np.expm1(log_miss.sum(axis=0))
 
 
 def pregate_topk(logits: np.ndarray, top_k: int) -> np.ndarray:
