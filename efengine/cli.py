@@ -29,6 +29,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default auto)")
     g.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory for cached experts, e.g. 8G (offload runtime)")
+    g.add_argument("--host-mem", metavar="SIZE", help="host RAM for a (pinned) tier of experts, e.g. 24G; "
+                   "default: all experts when RAM allows; 0: copy from the mapped file (offload runtime)")
     g.add_argument("--policy", help="expert prefetch policy: ondemand | pregate | expertflow")
     g.add_argument("--ctx", type=int, metavar="N", help="context length in tokens (default min(model, 4096))")
     g.add_argument("--route-bias", type=float, default=0.0, metavar="M",
@@ -100,8 +102,11 @@ def open_engine(path, args, n_ctx=None):
     if bias:
         print(f"warning: --route-bias {bias:g} is LOSSY: routing prefers cached experts, so output differs "
               "from the exact model (see docs/route_bias.md)", file=sys.stderr)
+    kw = {"route_bias": bias} if bias else {}
+    if getattr(args, "host_mem", None) is not None:
+        kw["host_mem"] = args.host_mem
     return Engine(path, device=args.device, gpu_mem=args.gpu_mem, policy=args.policy,
-                  n_ctx=n_ctx if n_ctx is not None else args.ctx, **({"route_bias": bias} if bias else {}))
+                  n_ctx=n_ctx if n_ctx is not None else args.ctx, **kw)
 
 
 def _read_prompt(args) -> str:

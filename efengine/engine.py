@@ -124,14 +124,18 @@ def sampling_defaults(raw: bytes | None) -> dict:
 
 
 class Engine:
-    """Engine(model_path, device="auto"|"cpu"|"cuda", gpu_mem=None, policy=None, n_ctx=None).
+    """Engine(model_path, device="auto"|"cpu"|"cuda", gpu_mem=None, policy=None, n_ctx=None, host_mem=None).
 
     gpu_mem (bytes or "8G") and policy ("ondemand" | "pregate" | "expertflow") configure the
-    expert offload runtime; left None, every expert is resident. route_bias (LOSSY, default 0 = off)
+    expert offload runtime; left None, every expert is resident. host_mem (bytes, "24G", 0) sizes
+    the offload runtime's host tier of experts (pinned on CUDA): None = all of them when available
+    RAM allows, 0 = none (experts are staged from the mapped file); one that does not fit warns.
+    route_bias (LOSSY, default 0 = off)
     lets the offload runtime route to cached experts within that router-probability margin."""
 
     def __init__(self, model_path, device: str = "auto", gpu_mem=None, policy: str | None = None, *,
-                 n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK, route_bias: float = 0.0):
+                 n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK, route_bias: float = 0.0,
+                 host_mem=None):
         from .format import EfFile
         from .model import Model
 
@@ -139,6 +143,7 @@ class Engine:
         self.device = device
         backend = resolve_device(device)
         self.gpu_mem = parse_size(gpu_mem)
+        self.host_mem = 0 if isinstance(host_mem, (int, str)) and str(host_mem).strip() == "0" else parse_size(host_mem)
         self.policy = policy
         self.route_bias = route_bias
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
@@ -185,6 +190,8 @@ class Engine:
             raise ConfigError("gpu_mem / policy need the expert offload runtime, which this build does not "
                               "include yet; leave them unset to keep every expert resident") from None
         kw = {"route_bias": self.route_bias} if self.route_bias else {}
+        if self.host_mem is not None:
+            kw["host_mem"] = self.host_mem
         return build_provider(self.ef, backend, gpu_mem=self.gpu_mem, policy=self.policy, **kw)
 
     def _load_tokenizer(self) -> None:

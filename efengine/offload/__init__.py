@@ -9,9 +9,18 @@
 """
 from __future__ import annotations
 
+import warnings
+
 from ..errors import ConfigError
 from .policy import POLICIES
 from .runtime import OffloadRuntime, replay_trace
+from .store import open_store, plan_tier
+
+# Host tier defaults on CUDA (python -m efengine.host_bench measures the three ways; README):
+# a pinned RAM tier when RAM allows, else a ring of pinned buffers filled by STAGING_THREADS
+# threads from the mapping. REGISTER = True would page-lock the mapping itself instead of a tier.
+STAGING_THREADS = 4
+REGISTER = False
 
 __all__ = ["OffloadRuntime", "replay_trace", "build_provider", "POLICIES"]
 
@@ -34,11 +43,18 @@ def _check_free(gpu_mem: int, backend) -> None:
 
 
 def build_provider(ef, backend, *, gpu_mem: int | None = None, policy: str | None = None,
-                   **kw) -> OffloadRuntime:
+                   host_mem: int | None = None, register: bool | None = None,
+                   staging_threads: int = STAGING_THREADS, **kw) -> OffloadRuntime:
     """The Engine's entry point: an OffloadRuntime whose expert cache gets what `gpu_mem` leaves
     after the dense weights (None: room for every expert). Call `.attach(model)` once the Model
     exists so pre-gating policies see hidden states. kw includes route_bias=0.0 (LOSSY when > 0:
-    prefer resident experts within that router-probability margin; offload/bias.py)."""
+    prefer resident experts within that router-probability margin; offload/bias.py).
+
+    host_mem: bytes of the host tier (None: every expert when available RAM allows; 0: none,
+    blobs are staged from the mapped file); pinned memory on CUDA, numpy memory otherwise. A tier
+    that does not fit, or whose pinned allocation fails, warns and stages instead.
+    register (CUDA): page-lock the file mapping itself rather than a tier (None: REGISTER).
+    staging_threads (CUDA): threads that fill the pinned staging buffers (and the tier)."""
     policy = policy or "expertflow"
     if policy not in POLICIES:
         raise ConfigError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -49,4 +65,39 @@ def build_provider(ef, backend, *, gpu_mem: int | None = None, policy: str | Non
         if budget < ef.blob_nbytes:
             raise ConfigError(f"gpu_mem={gpu_mem} bytes does not hold the dense weights ({dense_nbytes(ef)} bytes) "
                               f"plus one expert ({ef.blob_nbytes} bytes); raise gpu_mem")
-    return OffloadRuntime(ef, backend, policy=policy, budget_bytes=budget, **kw)
+    n_dev = budget // ef.blob_nbytes if budget is not None else len(ef.expert_layers) * ef.n_experts
+    cuda = (backend if isinstance(backend, str) else getattr(backend, "name", "numpy")) == "cupy"
+    if not cuda:
+        if register:
+            raise ConfigError("register=True page-locks the mapping for CUDA copies: it needs the cupy backend")
+        store = open_store(ef, host_mem, device_slots=n_dev)
+        return OffloadRuntime(ef, backend, policy=policy, budget_bytes=budget, store=store, **kw)
+    import cupyx
+    from .cuda_engine import CudaEngine
+    register = REGISTER if register is None else register
+    engine = kw.pop("engine", None) or CudaEngine(direct_pinned=True, staging_threads=staging_threads)
+    store = open_store(ef, 0 if register else host_mem, device_slots=n_dev, copy_threads=staging_threads,
+                       alloc=lambda n: cupyx.empty_pinned(n, dtype="uint8"))
+    if register and host_mem != 0:
+        _register(store, engine)
+    return OffloadRuntime(ef, backend, policy=policy, budget_bytes=budget, store=store, engine=engine, **kw)
+
+
+def _register(store, engine) -> None:
+    """Page-lock the mapping's expert region (kept until engine.close()); warn and stage when the
+    blobs are not one mapped run, RAM cannot hold them all, or the driver refuses."""
+    from .cuda_engine import register_host
+    region = store.mapped_region()
+    if region is None:
+        warnings.warn("host tier: the expert blobs are not one contiguous mapped region, cannot "
+                      "register it with CUDA; staging experts from the mapping", stacklevel=3)
+        return
+    nbytes, warning = plan_tier(None, region.nbytes, what="registering the mapping")
+    if warning:
+        warnings.warn(warning, stacklevel=3)
+        return
+    try:
+        engine.registrations.append(register_host(region))
+    except Exception as e:  # noqa: BLE001  (cupy's CUDARuntimeError)
+        warnings.warn(f"host tier: cudaHostRegister of the mapping ({region.nbytes / 2**30:.2f} GiB) "
+                      f"failed ({e}); staging experts from the mapping", stacklevel=3)

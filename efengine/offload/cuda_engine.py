@@ -7,16 +7,29 @@ and brackets the wait with two timing events, whose elapsed time is the stall (`
 `fence(slot)` records the compute stream's progress after the model used a slot; the next copy
 into that slot waits for it, so a copy never overwrites weights a queued kernel still reads.
 
-Staging runs on the calling thread (~10 GB/s, hardware.md). With `direct_pinned=True`, blobs
-that already live in page-locked memory (cupyx.empty_pinned, a registered mapping) are copied
-straight from there at full PCIe speed, without staging: the caller promises not to change such a
-blob until its copy has landed (read-only host tiers; the bench's pinned blob set).
+Staging fills the ring buffer with `staging_threads` threads (store.ParallelCopy; one thread
+copies at ~10 GB/s, hardware.md): submit returns once the blob is staged and its copy queued, so
+the next blob is staged while this one crosses PCIe. With `direct_pinned=True`, blobs that already
+live in page-locked memory (cupyx.empty_pinned, a registered mapping) are copied straight from
+there at full PCIe speed, without staging: the caller promises not to change such a blob until its
+copy has landed (read-only host tiers; the bench's pinned blob set).
+
+`register_host(array)` page-locks an existing host range (the .ef mapping's expert region, see
+HostStore.mapped_region) with cudaHostRegister, so its blobs count as pinned for direct copies.
+It faults in and locks every page of the range (RAM for all of it, as a pinned tier needs, but no
+second copy: the page cache is the tier). Which of the three is fastest on a given host:
+`python -m efengine.host_bench` (figures in the README).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
 from .prefetch import WallClock
+from .store import ParallelCopy
+
+PAGE = 4096
+HOST_REGISTER_READ_ONLY = 8          # cudaHostRegisterReadOnly (CUDA >= 11.1): the mapping is PROT_READ
 
 
 class _CudaEvent:
@@ -54,11 +67,47 @@ def _pinned(a: np.ndarray) -> bool:
         return False
 
 
+class HostRegistration:
+    """A host range page-locked with cudaHostRegister; `close()` unregisters it (the range must stay
+    mapped until then: keep the array)."""
+
+    def __init__(self, array: np.ndarray):
+        import cupy
+        a = np.asarray(array)
+        if not a.flags.c_contiguous or a.size == 0:
+            raise ConfigError("register_host: needs a non-empty contiguous host array")
+        start = a.ctypes.data // PAGE * PAGE                       # a mapping is page-granular
+        end = -(-(a.ctypes.data + a.nbytes) // PAGE) * PAGE
+        self.array, self.ptr, self.nbytes = a, start, end - start
+        rt = cupy.cuda.runtime
+        try:
+            rt.hostRegister(self.ptr, self.nbytes, HOST_REGISTER_READ_ONLY)
+        except rt.CUDARuntimeError:
+            rt.hostRegister(self.ptr, self.nbytes, 0)             # older drivers: no read-only flag
+        self.registered = True
+
+    def close(self) -> None:
+        if self.registered:
+            import cupy
+            cupy.cuda.runtime.hostUnregister(self.ptr)
+            self.registered = False
+
+
+def register_host(array: np.ndarray) -> HostRegistration:
+    """Page-lock `array`'s pages for direct DMA (raises cupy's CUDARuntimeError when the driver
+    refuses, e.g. not enough lockable memory: callers fall back to staging)."""
+    return HostRegistration(array)
+
+
 class CudaEngine:
-    def __init__(self, n_staging: int = 4, compute_stream=None, direct_pinned: bool = False):
+    def __init__(self, n_staging: int = 4, compute_stream=None, direct_pinned: bool = False,
+                 staging_threads: int = 1):
         import cupy
         self.direct_pinned = direct_pinned
         self.direct_copies = 0
+        self.staged_copies = 0
+        self.copy = ParallelCopy(staging_threads)
+        self.registrations: list[HostRegistration] = []    # unregistered on close()
         self.cupy = cupy
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.compute = compute_stream
@@ -80,7 +129,8 @@ class CudaEngine:
             self.staged[k].synchronize()                     # its previous copy has read it
         if self.staging[k] is None or self.staging[k].size < blob.size:   # blobs are equal-sized
             self.staging[k] = cupyx.empty_pinned(blob.size, dtype=np.uint8)
-        np.copyto(self.staging[k][: blob.size], blob)
+        self.copy(self.staging[k], blob)
+        self.staged_copies += 1
         return k, self.staging[k]
 
     def submit(self, nbytes: int, fn, *, slot: int, blob, pool, **job) -> _CudaEvent:
@@ -122,3 +172,7 @@ class CudaEngine:
 
     def close(self) -> None:
         self.stream.synchronize()
+        self.copy.close()
+        for r in self.registrations:
+            r.close()
+        self.registrations.clear()
