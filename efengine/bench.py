@@ -2,8 +2,9 @@
 
     efengine bench [--models mixtral-8x7b:q4:q8,qwen1.5-moe-a2.7b:f16:f16] [--ef FILE.ef]
                    [--decode 256] [--context 128] [--prompt 512] [--layers N] [--json OUT]
-    efengine bench --offload [--route-trace gsm8k_2] [--tokens 48] [--layers N]   (scenario O1,
-                   efengine/offload_gpu_bench.py)
+    efengine bench --offload [--route-trace gsm8k_2] [--tokens 48] [--layers N] [--plot DIR]
+                   (scenario O1, efengine/offload_gpu_bench.py; --plot: efengine/plot.py PNGs)
+    efengine bench --host-bench GB      (host tiers -> GPU copy speed, efengine/host_bench.py)
 
 Measured, in order: ceilings (device-to-device copy counting read + write, a read-only probe
 kernel, pinned host -> GPU copies, an fp16 8192^3 matmul: H100 runs fp16 and bf16 at the same
@@ -285,6 +286,9 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=64, help="quantization group of synthetic models (default 64)")
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV microbenchmarks")
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of stdout")
+    p.add_argument("--plot", metavar="DIR", help="--offload: draw policies.png and timelines there (needs matplotlib)")
+    p.add_argument("--host-bench", type=float, metavar="GB", help="only measure host tier -> GPU copies "
+                   "(pinned tier, threaded staging, registered mapping) on a temp file of GB gigabytes")
     from .offload_gpu_bench import add_args
     add_args(p)
     return p.parse_args(args)
@@ -304,10 +308,21 @@ def main(args: list[str]) -> int:
         props = cupy.cuda.runtime.getDeviceProperties(0)
         res = {"device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
                "cupy": cupy.__version__}
+        if a.host_bench:                # host tiers (efengine/host_bench.py)
+            from . import host_bench
+            res["host_tiers"] = host_bench.run(a.host_bench, log=log)
+            return _emit(res, a)
         if a.offload:                   # scenario O1 (efengine/offload_gpu_bench.py)
             from . import offload_gpu_bench
+            if a.plot:
+                from . import plot
+                plot.check()            # before a long run, not after it
             res["offload"] = offload_gpu_bench.main(a, log)
-            return _emit(res, a)
+            _emit(res, a)
+            if a.plot:
+                for f in plot.plot_result(res, a.plot):
+                    log(f"wrote {f}")
+            return 0
         res["ceilings"] = ceilings()
         log(table({**res, "models": []}))
         if not a.no_gemv:

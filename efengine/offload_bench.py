@@ -7,7 +7,10 @@ For each trace and cache size: misses per decoded token of
   belady (offline optimum),
 and the transfer time those misses cost at a given expert size and copy bandwidth (the oracle
 offload bound uses Belady's). `--timed` also replays ondemand / expertflow on a virtual clock with a
-compute time per layer (stall and time per token, prefetching included).
+compute time per layer (stall and time per token, prefetching included, and the oracle bound
+max(layers x layer time, Belady misses x copy time)); `--timeline N` records the first N steps of
+each timed replay (compute / copy / stall intervals); `--plot DIR` draws them and the policies by
+cache size (efengine/plot.py, needs matplotlib).
 `--model PATH|demo` instead runs a real model (numpy) over text one token at a time (decode
 steps, real routing and hidden states): misses, prefetch precision and the predictor's recall by
 distance for ondemand / pregate / expertflow, and expertflow without hidden states.
@@ -41,8 +44,13 @@ def evictions(trace, names: list[str], foresight: list[int]):
     return {n: out[n] for n in names + [f"foresight-{s}" for s in foresight]}
 
 
+TIMED_KEYS = ("misses_per_token", "late", "stall_per_token_s", "time_per_token_s", "prefetch_issued",
+              "prefetch_used", "prefetch_wasted", "horizon", "timeline")
+
+
 def bench_trace(name: str, caches: list[float], *, policies: list[str], foresight: list[int],
-                expert_bytes: int, bandwidth: float, timed: bool, layer_s: float, tokens: int | None) -> dict:
+                expert_bytes: int, bandwidth: float, timed: bool, layer_s: float, tokens: int | None,
+                timeline: int = 0) -> dict:
     trace = load(name)
     if tokens:
         trace = trace.head(tokens)
@@ -59,11 +67,16 @@ def bench_trace(name: str, caches: list[float], *, policies: list[str], foresigh
             row["misses_per_token"][pname] = round(r.misses_per_token, 3)
             row["transfer_ms_per_token"][pname] = round(r.misses_per_token * ms_per_miss, 3)
         if timed:
-            row["timed"] = {p: {k: v for k, v in replay_trace(trace, p, fraction=frac, blob_nbytes=expert_bytes,
-                                                              bandwidth=bandwidth, layer_s=layer_s).items()
-                                if k in ("misses_per_token", "late", "stall_per_token_s", "time_per_token_s",
-                                         "prefetch_issued", "prefetch_used", "prefetch_wasted", "horizon")}
-                            for p in ("ondemand", "expertflow")}
+            row["timed"] = {}
+            for p in ("ondemand", "expertflow"):
+                r = replay_trace(trace, p, fraction=frac, blob_nbytes=expert_bytes, bandwidth=bandwidth,
+                                 layer_s=layer_s, **({"timeline": timeline} if timeline else {}))
+                row["timed"][p] = {k: v for k, v in r.items() if k in TIMED_KEYS}
+            bel = row["misses_per_token"].get("belady")
+            if bel is not None:
+                oracle = max(trace.n_layers * layer_s, bel * expert_bytes / bandwidth)
+                for t in row["timed"].values():
+                    t["oracle_bound_s"] = round(oracle, 6)
         res["caches"].append(row)
     return res
 
@@ -159,6 +172,9 @@ def parse_args(argv=None):
     ap.add_argument("--bandwidth-gbps", type=float, default=55.0, help="host->GPU copy bandwidth (GB/s)")
     ap.add_argument("--timed", action="store_true", help="also replay on a virtual clock (stall, time per token)")
     ap.add_argument("--layer-us", type=float, default=75.0, help="compute time per layer for --timed (us)")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="--timed: record the first N steps of each replay (compute / copy / stall)")
+    ap.add_argument("--plot", metavar="DIR", help="draw PNGs there (timelines need --timeline; needs matplotlib)")
     ap.add_argument("--tokens", type=int, default=None, help="only the first N tokens of each trace "
                     "(--model: decode steps to run, default 200)")
     ap.add_argument("--model", default=None, help="a .ef path or 'demo': run that model instead of traces")
@@ -181,6 +197,16 @@ def main(argv=None) -> int:
         print(f"error: unknown policies or bad cache sizes: {', '.join(map(str, bad))} "
               f"(policies: {', '.join(sorted(known))}; caches in (0, 1])", file=sys.stderr)
         return 2
+    if a.plot:
+        from . import plot
+        try:
+            plot.check()
+        except EfError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not a.timed or a.model:
+            print("error: --plot draws timed trace replays: add --timed (and not --model)", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     out = {"benchmark": "offload_traces", "results": []}
     try:
@@ -192,7 +218,8 @@ def main(argv=None) -> int:
         for name in [t for t in a.trace.split(",") if t and not a.model]:
             res = bench_trace(name, caches, policies=policies, foresight=foresight,
                               expert_bytes=int(a.expert_mb * 1e6), bandwidth=a.bandwidth_gbps * 1e9,
-                              timed=a.timed, layer_s=a.layer_us * 1e-6, tokens=a.tokens)
+                              timed=a.timed, layer_s=a.layer_us * 1e-6, tokens=a.tokens,
+                              timeline=a.timeline if a.timed else 0)
             out["results"].append(res)
             print(table(res), file=sys.stderr)
     except EfError as e:
@@ -200,6 +227,14 @@ def main(argv=None) -> int:
         return 1
     out["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(out, indent=1))
+    if a.plot:
+        from . import plot
+        try:
+            for f in plot.plot_result(out, a.plot):
+                print(f"wrote {f}", file=sys.stderr)
+        except EfError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
