@@ -89,6 +89,11 @@ def _check_shapes(source, cfg: ModelConfig) -> None:
             raise FormatError(f"{where}: expert {part} has shape {tuple(layout[part].shape)}, the config needs {tuple(shape)}")
 
 
+def _check_yield(layer: int, e: int, bounds: dict, done) -> None:
+    if e not in bounds or e in done:
+        raise EfError(f"expert provider yielded expert {e} of layer {layer} unexpectedly")
+
+
 class Model:
     """Model(source, backend="numpy"|"cupy"|"auto", experts=None): weights from a weight source.
 
@@ -269,15 +274,17 @@ class Model:
         order = np.argsort(flat, kind="stable")                            # slots sorted by expert id
         experts, starts = np.unique(flat[order], return_index=True)
         bounds = dict(zip(experts.tolist(), zip(starts.tolist(), [*starts[1:].tolist(), flat.size])))
-        y = xp.empty((T * A, D), dtype=xp.float32)
-        done = set()
-        for e, handle in self.experts.begin_layer(l, ids_h):
-            if e not in bounds or e in done:
-                raise EfError(f"expert provider yielded expert {e} of layer {l} unexpectedly")
-            s0, s1 = bounds[e]
-            slots = b.asarray(order[s0:s1])
-            y[slots] = b.expert_ffn(x[slots // A], handle)
-            done.add(e)
+        if T >= getattr(b, "MOE_PREFILL_MIN_T", T + 1) and self._can_group(len(bounds)):
+            y, done = self._moe_grouped(l, x, ids_h, bounds)
+        else:
+            y = xp.empty((T * A, D), dtype=xp.float32)
+            done = set()
+            for e, handle in self.experts.begin_layer(l, ids_h):
+                _check_yield(l, e, bounds, done)
+                s0, s1 = bounds[e]
+                slots = b.asarray(order[s0:s1])
+                y[slots] = b.expert_ffn(x[slots // A], handle)
+                done.add(e)
         self.experts.end_layer(l)
         if len(done) != len(bounds):
             raise EfError(f"expert provider did not provide experts {sorted(set(bounds) - done)} of layer {l}")
@@ -288,3 +295,32 @@ class Model:
                 shared = b.sigmoid(b.linear(x, w["ffn_gate_inp_shexp"])) * shared
             out = out + shared
         return out
+
+    def _can_group(self, n: int) -> bool:
+        """A provider that recycles an expert's slot once the model resumes it (defer_use: the
+        offload runtime) must hold all n experts of the layer pinned at once to be grouped."""
+        return not hasattr(self.experts, "defer_use") or getattr(self.experts, "n_slots", 0) >= n
+
+    def _moe_grouped(self, l: int, x, ids_h: np.ndarray, bounds: dict):
+        """Prefill: every handle of the layer first, then one backend call for all experts
+        (backend.moe_prefill -> y [T*A, D] in (token, rank) slots). Slots of a defer_use provider
+        stay pinned until the launches are queued, then are fenced (as OffloadDecodeGraph does)."""
+        prov, handles = self.experts, {}
+        defer = hasattr(prov, "defer_use")
+        if defer:
+            prov.defer_use = []
+        try:
+            for e, handle in prov.begin_layer(l, ids_h):
+                _check_yield(l, e, bounds, handles)
+                handles[e] = handle
+            missing = sorted(set(bounds) - set(handles))
+            if missing:
+                raise EfError(f"expert provider did not provide experts {missing} of layer {l}")
+            y = self.backend.moe_prefill(x, ids_h, handles)
+        finally:
+            if defer:
+                slots, prov.defer_use = prov.defer_use, None
+                fence = getattr(getattr(prov, "engine", None), "fence", None)
+                for s in slots if fence is not None else ():
+                    fence(s)
+        return y, set(handles)

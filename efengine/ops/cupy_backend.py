@@ -6,8 +6,11 @@ dq / dv head dims, S keys, E experts, A active experts, I expert width.
 Matrices stay in their stored type on the device (GpuWeight); the kernels dequantize on the fly:
 - T <= SMALL_T tokens: GEMV kernels (q4 / q8 / f16 / bf16 / f32 weights, fp32 accumulation);
 - larger T (prefill): weights widened to fp16 on the fly, then cuBLAS (fp32 accumulation).
-Routed experts run through the MoE kernels (gate+up+SiLU fused, then down) for small T and
-through fp16 GEMMs for prefill. Every op has its numpy twin in NumpyBackend (tests compare).
+Routed experts run through the MoE kernels (gate+up+SiLU fused, then down) for small T; a
+prefill (T >= MOE_PREFILL_MIN_T) runs all experts of a layer in two grouped tensor-core launches
+that dequantize in shared memory (moe_prefill, gpu_prefill.py), or per expert through fp16
+GEMMs where those kernels do not take the layout. Every op has its numpy twin in NumpyBackend
+(tests compare).
 The CUDA-graph decode path that needs no host round trip is gpu_decode.DecodeGraph.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..config import ModelConfig
 from ..errors import FormatError
 from ..format import expert_layout
 from . import gpu_ops as ops
+from . import gpu_prefill
 from .gpu_kernels import cupy
 from .gpu_weights import ExpertHandle, ExpertLayout, GpuWeight, make_weight, upload_blob
 
@@ -33,6 +37,7 @@ def device_bytes(raw):
 class CupyBackend:
     name = "cupy"
     xp = cupy
+    MOE_PREFILL_MIN_T = SMALL_T + 1     # Model._moe hands steps this long to moe_prefill
 
     def __init__(self):
         self._layouts: dict[int, ExpertLayout] = {}
@@ -150,6 +155,20 @@ class CupyBackend:
         else:
             g, u = ops.matmul_f16(x, gw.f16(), x16), ops.matmul_f16(x, uw.f16(), x16)
         return ops.matmul_f16(self.silu_mul(g, u), h.weight("down").f16())
+
+    def moe_prefill(self, x, ids: np.ndarray, handles: dict):
+        """Every routed expert of a layer on its tokens: y [T*A, D], row t*A + a = expert ids[t, a]
+        on x[t] (unweighted). ids [T, A] host; handles {expert id: ExpertHandle} for every id."""
+        x = cupy.ascontiguousarray(x, dtype=cupy.float32)
+        if gpu_prefill.grouped_ok(handles):
+            return gpu_prefill.moe_prefill(x, ids, handles)
+        A = ids.shape[1]
+        order, experts, tiles = gpu_prefill.plan(ids, bm=ids.size)      # one tile an expert
+        y = cupy.empty((ids.size, x.shape[1]), dtype=cupy.float32)
+        for ei, p0, n, _ in tiles.tolist():
+            slots = cupy.asarray(order[p0:p0 + n])
+            y[slots] = self.expert_ffn(x[slots // A], handles[int(experts[ei])])
+        return y
 
     def moe_combine(self, y, weights):
         acc = y[:, 0] * weights[:, 0, None]
