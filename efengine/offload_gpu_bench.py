@@ -4,6 +4,11 @@ Mixtral-8x7B shape (int4 experts, int8 dense; full-size synthetic, gpu_synth), b
 driven by a real routing trace (`--route-trace`): the model's router runs, then `route_hook`
 replaces its top-k ids and weights with the trace's for that (token, layer). Experts live in a
 device cache holding 25/50/75% of them; policies ondemand / pregate / expertflow.
+`--route-trace none`: no trace, the synthetic model's own router decides, so hidden-state
+predictions (pregate, expertflow's pre-gate) mean what they say; the routing the run took is
+recorded (the same in every cell: lossless) and Belady is computed on it. A random model routes
+near-uniformly (the JSON's "routing" says how much): it measures the mechanism, not how
+predictable a trained model is.
 
 Legend: N trace tokens, L MoE layers, E experts per layer, A active experts per token.
 
@@ -24,7 +29,16 @@ Model.forward per step with route_hook instead (the JSON's "path" says which).
 
 Replay caveat: the hidden states are the synthetic model's, not the ones that produced the
 trace, so pregate's predictions (next layer's router on those states) are meaningless here: it is
-run and reported, flagged. expertflow runs history-only (not attached to the model).
+run and reported, flagged. expertflow runs history-only (no predictions reach it) under a trace.
+Without a trace, the graph path computes the next `--predict-ahead` layers' routers on the device
+(pregate: 1) and feeds them to the policy; cells report the next-layer router's top-k recall
+(`pregate_recall_next`), prefetches issued / used / wasted.
+
+Host timing of the graph path (cells' "host_per_token_s", ops/gpu_offload_decode.py): seconds
+per token in the router read-back sync, route hook, runtime.demand, sync -> first demand copy,
+graph launches, after-launch work (fences, planning). `timeline` (--timeline, or --plot): the
+first cell of each policy records `--timeline-steps` steps at the end of its warm-up (cell's
+"timeline", efengine/plot.py draws it).
 
 Host tier: 256 full-size pinned blobs would be ~24 GB of page-locked memory; the L*E host experts
 are backed by `--host-blobs` distinct pinned random blobs (expert f reads blob f mod n). Every
@@ -54,6 +68,13 @@ REPLAY_NOTE = {
     "pregate": "MEANINGLESS under trace replay: it predicts from hidden states that did not produce "
                "the trace (prefetches are mostly wasted copies); reported for completeness only",
     "expertflow": "history-only under trace replay (not attached to the model's hidden states)",
+}
+OWN_NOTE = {
+    "pregate": "the model's own router decides (no trace): layer i+1's router on layer i's state predicts "
+               "its experts; a random synthetic model routes near-uniformly (see 'routing'), so this "
+               "measures the mechanism, not a trained model's predictability",
+    "expertflow": "the model's own router decides (no trace): pre-gate of the next predict_ahead layers "
+                  "+ routing history",
 }
 
 
@@ -129,19 +150,24 @@ def belady_misses(trace: Trace, n_slots: int, warm: int) -> int:
     return demand_misses(trace, n_slots, Belady(trace), warm)[0]
 
 
-def replay(model, router: TraceRouter, warm: int, tokens: int, rt=None, sync=None) -> dict:
-    """Decode warm + tokens steps (trace tokens 0..), timing the last `tokens`; the runtime's
-    stats restart after the warm-up. Returns time_per_token_s (+ the runtime's summary)."""
+def replay(model, router: TraceRouter | None, warm: int, tokens: int, rt=None, sync=None,
+           timeline_steps: int = 0) -> dict:
+    """Decode warm + tokens steps (trace tokens 0..; router None: the model routes), timing the last
+    `tokens`; the runtime's stats restart after the warm-up. Returns time_per_token_s (+ the
+    runtime's summary; + "timeline": the last timeline_steps warm-up steps, when asked)."""
     cache = model.new_cache(warm + tokens + 2)
-    tok, t0 = 1, None
+    tok, t0, tl = 1, None, None
     for step in range(warm + tokens):
+        if rt is not None and timeline_steps and step == max(0, warm - timeline_steps):
+            tl = start_timeline(rt, timeline_steps)
         if step == warm:
             if rt is not None:
                 rt.stats = rt.prefetcher.stats = OffloadStats(keep_log=False)
             if sync:
                 sync()
             t0 = time.perf_counter()
-        router.t = step
+        if router is not None:
+            router.t = step
         logits = model.forward(np.array([tok]), cache)      # host logits: the step has finished
         tok = int(np.asarray(logits)[-1].argmax())
     if sync:
@@ -149,7 +175,37 @@ def replay(model, router: TraceRouter, warm: int, tokens: int, rt=None, sync=Non
     out = {"tokens": tokens, "time_per_token_s": (time.perf_counter() - t0) / max(tokens, 1)}
     if rt is not None:
         out.update(rt.summary())
+    if tl is not None:
+        out["timeline"] = tl
     return out
+
+
+def start_timeline(rt, steps: int) -> list:
+    """Record the runtime's next `steps` steps (compute / copy / stall; offload/timeline.py)."""
+    tl: list = []
+    rt.stats.timeline, rt.stats.timeline_steps = tl, int(steps)
+    return tl
+
+
+def routes_trace(routes: list, n_layers: int, n_experts: int, top_k: int, name: str = "own-router") -> Trace:
+    """The routing a run took (ids [A] per MoE layer, execution order) as a Trace (for Belady)."""
+    ids = np.asarray(routes, dtype=np.int32).reshape(-1, n_layers, top_k)
+    return Trace(name, ids, np.full(ids.shape, 1.0 / top_k, dtype=np.float32), n_experts)
+
+
+def routing_spread(trace: Trace) -> dict:
+    """How uniform the routing is: the most used expert's share of its layer's uses (mean over
+    layers) against the uniform 1/E, and how often a layer reuses an expert of the previous token."""
+    N, L, A = trace.experts.shape
+    E = trace.n_experts
+    counts = np.zeros((L, E))
+    for l in range(L):
+        counts[l] = np.bincount(trace.experts[:, l].reshape(-1), minlength=E)[:E]
+    share = counts.max(1) / np.maximum(counts.sum(1), 1)
+    again = [len(set(trace.experts[t, l]) & set(trace.experts[t - 1, l])) / A for t in range(1, N) for l in range(L)]
+    return {"max_expert_share_mean": round(float(share.mean()), 4), "uniform_share": round(1.0 / E, 4),
+            "reuse_from_previous_token": round(float(np.mean(again)), 4) if again else None,
+            "reuse_if_uniform": round(A / E, 4)}
 
 
 def bounds(r: dict, *, blob_bytes: int, h2d_Bps: float, resident_s: float, belady_per_tok: float,
@@ -198,7 +254,7 @@ def _resident(src, trace, a, log) -> dict:
     from .ops.gpu_weights import PoolExperts
     pool = src.pool()
     model = Model(src, "cupy", experts=PoolExperts(pool))
-    router = TraceRouter(trace, model.backend, model.cfg.moe_layers)
+    router = TraceRouter(trace, model.backend, model.cfg.moe_layers) if trace is not None else None
     model.route_hook = router
     sync = cupy.cuda.Device().synchronize
     eager = replay(model, router, a.warmup, a.tokens, sync=sync)["time_per_token_s"]
@@ -224,7 +280,7 @@ def _resident(src, trace, a, log) -> dict:
     return {"resident_eager_s": eager, "resident_graph_s": graph}
 
 
-def _cell(src, store, trace, policy: str, frac: float, a) -> dict:
+def _cell(src, store, trace, policy: str, frac: float, a, timeline: bool = False) -> dict:
     import cupy
     from .model import Model
     from .offload import OffloadRuntime
@@ -232,30 +288,57 @@ def _cell(src, store, trace, policy: str, frac: float, a) -> dict:
     eng = CudaEngine(direct_pinned=True)
     rt = OffloadRuntime(src, "cupy", policy=policy, fraction=frac, store=store, engine=eng, keep_log=False)
     model = Model(src, "cupy", experts=rt)
-    router = TraceRouter(trace, model.backend, model.cfg.moe_layers)
-    model.route_hook = router
-    if policy == "pregate":                 # it needs hidden states, meaningless here (REPLAY_NOTE)
+    routes: list | None = None
+    if trace is not None:
+        router = TraceRouter(trace, model.backend, model.cfg.moe_layers)
+        model.route_hook = router
+        if policy == "pregate":             # it needs hidden states, meaningless here (REPLAY_NOTE)
+            rt.attach(model)
+    else:                                   # the model routes; record what it chose (for Belady)
+        router, routes, to_host = None, [], model.backend.to_host
+
+        def spy(layer, logits, ids, w):
+            routes.append(np.asarray(to_host(ids)).reshape(-1))
+            return ids, w
+        model.route_hook = spy
         rt.attach(model)
-    r = replay(model, router, a.warmup, a.tokens, rt=rt, sync=cupy.cuda.Device().synchronize)
+    r = replay(model, router, a.warmup, a.tokens, rt=rt, sync=cupy.cuda.Device().synchronize,
+               timeline_steps=_tl_steps(a) if timeline else 0)
     rt.pool.check()
     r.update(policy=policy, cache_fraction=frac, direct_pinned_copies=eng.direct_copies,
-             stall_per_token_s=r["stall_s"] / max(a.tokens, 1))
-    if policy in REPLAY_NOTE:
-        r["replay_note"] = REPLAY_NOTE[policy]
+             stall_per_token_s=r["stall_s"] / max(a.tokens, 1), path="eager")
+    _note(r, policy, trace)
+    if routes is not None:
+        r["_routes"] = routes
     rt.close()
     del rt, model, eng
     _free()
     return r
 
 
-GRAPH_NOTE = {"pregate": "segmented graph path: no hidden states reach the policy, so pregate never "
-                           "prefetches (demand loads only)"}
+def _tl_steps(a) -> int:
+    return max(1, min(int(getattr(a, "timeline_steps", 4)), a.warmup or 1))
 
 
-def _cell_graph(src, store, trace, policy: str, frac: float, a) -> dict:
+def _note(r: dict, policy: str, trace) -> None:
+    note = (REPLAY_NOTE if trace is not None else OWN_NOTE).get(policy)
+    if note:
+        r["replay_note" if trace is not None else "note"] = note
+
+
+def predict_ahead(policy: str, trace, a) -> int:
+    """Layers of routers predicted on the device per MoE layer (graph path): none under a trace
+    except pregate's (flagged meaningless), so expertflow stays history-only there."""
+    if policy == "pregate":
+        return 1
+    if policy == "expertflow" and trace is None:
+        return int(getattr(a, "predict_ahead", 2))
+    return 0
+
+
+def _cell_graph(src, store, trace, policy: str, frac: float, a, timeline: bool = False) -> dict:
     """The cell on OffloadDecodeGraph (per-layer CUDA-graph segments; ops/gpu_offload_decode.py):
     the trace's ids / weights are written into the device ids buffer after each router segment."""
-    import cupy
     from .model import Model
     from .offload import OffloadRuntime
     from .offload.cuda_engine import CudaEngine
@@ -264,26 +347,37 @@ def _cell_graph(src, store, trace, policy: str, frac: float, a) -> dict:
     eng = CudaEngine(direct_pinned=True)
     rt = OffloadRuntime(src, "cupy", policy=policy, fraction=frac, store=store, engine=eng, keep_log=False)
     model = Model(src, "cupy", experts=rt)
-    router = TraceRouter(trace, get_backend("numpy"), model.cfg.moe_layers)
-    g = OffloadDecodeGraph(model, rt, model.new_cache(a.warmup + a.tokens + 2), route_hook=router)
+    router = TraceRouter(trace, get_backend("numpy"), model.cfg.moe_layers) if trace is not None else None
+    g = OffloadDecodeGraph(model, rt, model.new_cache(a.warmup + a.tokens + 2), route_hook=router,
+                           predict_ahead=predict_ahead(policy, trace, a))
     g.start(1, 0)
     g.capture()                                 # one eager warm-up step at position 0, undone
+    if trace is None:
+        g.route_log = []
+    n_tl, tl = (_tl_steps(a) if timeline else 0), None
     for step in range(a.warmup + a.tokens):
+        if n_tl and step == max(0, a.warmup - n_tl):
+            tl = start_timeline(rt, n_tl)
         if step == a.warmup:
             rt.stats = rt.prefetcher.stats = OffloadStats(keep_log=False)
             g.stream.synchronize()
+            g.reset_host()
             t0 = time.perf_counter()
-        router.t = step
+        if router is not None:
+            router.t = step
         g.step()
     g.stream.synchronize()
     r = {"tokens": a.tokens, "time_per_token_s": (time.perf_counter() - t0) / max(a.tokens, 1), "path": "graph"}
     r.update(rt.summary())
     rt.pool.check()
     r.update(policy=policy, cache_fraction=frac, direct_pinned_copies=eng.direct_copies,
-             stall_per_token_s=r["stall_s"] / max(a.tokens, 1))
-    note = GRAPH_NOTE.get(policy, REPLAY_NOTE.get(policy))
-    if note:
-        r["replay_note"] = note
+             stall_per_token_s=r["stall_s"] / max(a.tokens, 1), predict_ahead=g.ahead,
+             host_per_token_s={k: round(v, 7) for k, v in g.host_times().items()})
+    _note(r, policy, trace)
+    if tl is not None:
+        r["timeline"] = tl
+    if g.route_log is not None:
+        r["_routes"] = g.route_log
     rt.close()
     del rt, model, eng, g
     _free()
@@ -304,15 +398,11 @@ def run_o1(a, log) -> dict:
     h2d = bench._h2d()
     _free()
     _, cfg, _ = shape_config("mixtral-8x7b", a.layers)
-    trace = fit_trace(trace_mod.load(a.route_trace), cfg)
-    if a.warmup + a.tokens > trace.n_tokens:
-        raise ConfigError(f"route trace {trace.name} has {trace.n_tokens} tokens; "
-                          f"--warmup + --tokens = {a.warmup + a.tokens}")
-    trace = trace.head(a.warmup + a.tokens)
+    trace = _trace(a, cfg, trace_mod)
     src = DeviceRandomSource(cfg, experts="q4", dense="q8", group=a.group)
     L, E = len(cfg.moe_layers), cfg.n_experts
     res = {"scenario": "O1", "model": "mixtral-8x7b", "experts": "q4", "dense": "q8", "layers": cfg.n_layers,
-           "route_trace": trace.name, "warmup_tokens": a.warmup, "tokens": a.tokens,
+           "route_trace": trace.name if trace is not None else None, "warmup_tokens": a.warmup, "tokens": a.tokens,
            "expert_bytes": src.blob_nbytes, "h2d_pinned_GBps": h2d / 1e9,
            "per_expert_copy_s": src.blob_nbytes / h2d,
            "path": "eager" if getattr(a, "eager", False) or not _graph_ok(cfg) else "graph"}
@@ -324,45 +414,100 @@ def run_o1(a, log) -> dict:
                         f"(expert f reads blob f mod {n_blobs}); each copy is a full-size pinned "
                         "host->device DMA (CudaEngine direct_pinned)")
     log(f"pinned {n_blobs} blobs of {src.blob_nbytes / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
-    res["replay_notes"] = REPLAY_NOTE if res["path"] == "eager" else {**REPLAY_NOTE, **GRAPH_NOTE}
-    res["cells"] = []
+    res["replay_notes" if trace is not None else "notes"] = REPLAY_NOTE if trace is not None else OWN_NOTE
+    timeline = bool(getattr(a, "timeline", False) or getattr(a, "plot", None))
+    res["cells"], seen = [], set()
     for frac in a.fractions:
-        slots = max(cfg.top_k, int(frac * L * E))
-        bel = belady_misses(trace, slots, a.warmup) / a.tokens
         for policy in a.policies:
-            r = (_cell(src, store, trace, policy, frac, a) if res["path"] == "eager"
-                 else _cell_graph(src, store, trace, policy, frac, a))
-            step = res["resident_eager_s" if res["path"] == "eager" else "resident_graph_s"]   # same path
-            r.update(bounds(r, blob_bytes=src.blob_nbytes, h2d_Bps=h2d, resident_s=step,
-                            belady_per_tok=bel, resident_graph_s=res["resident_graph_s"]))
+            run = _cell if res["path"] == "eager" else _cell_graph
+            r = run(src, store, trace, policy, frac, a, timeline=timeline and policy not in seen)
+            seen.add(policy)
             res["cells"].append(r)
-            log(row(r))
+            if trace is not None:
+                _bound(res, r, trace, cfg, h2d, a)
+                log(row(r))
+            else:
+                log(f"{policy:10} {100 * frac:4.0f}% {1e3 * r['time_per_token_s']:8.2f} ms/token, "
+                    f"misses/tok {r['misses_per_token']:6.2f}, stall {1e3 * r['stall_per_token_s']:7.2f} ms/tok")
+    if trace is None:
+        _own_routing(res, cfg, h2d, a, log)
     del store
     cupy.get_default_memory_pool().free_all_blocks()
     return res
 
 
+def _trace(a, cfg, trace_mod) -> Trace | None:
+    """The trace cut to the model and to warmup + tokens, or None for --route-trace none."""
+    if a.route_trace in (None, "", "none"):
+        return None
+    trace = fit_trace(trace_mod.load(a.route_trace), cfg)
+    if a.warmup + a.tokens > trace.n_tokens:
+        raise ConfigError(f"route trace {trace.name} has {trace.n_tokens} tokens; "
+                          f"--warmup + --tokens = {a.warmup + a.tokens}")
+    return trace.head(a.warmup + a.tokens)
+
+
+def _bound(res: dict, r: dict, trace: Trace, cfg, h2d: float, a) -> None:
+    """The oracle bound and ondemand efficiency of cell r (Belady on `trace`, the cell's own path)."""
+    L = trace.n_layers
+    slots = max(cfg.top_k, int(r["cache_fraction"] * L * cfg.n_experts))
+    bel = belady_misses(trace, slots, a.warmup) / a.tokens
+    step = res["resident_eager_s" if res["path"] == "eager" else "resident_graph_s"]   # same path
+    r.update(bounds(r, blob_bytes=res["expert_bytes"], h2d_Bps=h2d, resident_s=step,
+                    belady_per_tok=bel, resident_graph_s=res["resident_graph_s"]))
+
+
+def _own_routing(res: dict, cfg, h2d: float, a, log) -> None:
+    """No trace: Belady on the routing the model took (recorded per cell; lossless, so the same in
+    every cell: checked), and how uniform that routing is."""
+    L, E, A = len(cfg.moe_layers), cfg.n_experts, cfg.top_k
+    first = None
+    for r in res["cells"]:
+        routes = r.pop("_routes")
+        if first is None:
+            first = routes
+        r["routing_equals_first_cell"] = bool(len(routes) == len(first)
+                                              and all(np.array_equal(x, y) for x, y in zip(routes, first)))
+    trace = routes_trace(first, L, E, A)
+    res["routing"] = routing_spread(trace)
+    for r in res["cells"]:
+        _bound(res, r, trace, cfg, h2d, a)
+        log(row(r))
+
+
 def row(r: dict) -> str:
-    flag = " (!)" if r["policy"] == "pregate" else ""
-    return (f"{r['policy'] + flag:14} {100 * r['cache_fraction']:4.0f}% {r['tokens_per_s']:8.2f} tok/s "
-            f"{1e3 * r['time_per_token_s']:8.2f} ms  misses/tok {r['misses_per_token']:6.2f} "
-            f"(Belady {r['belady_misses_per_token']:6.2f})  stall {1e3 * r['stall_per_token_s']:7.2f} ms/tok  "
-            f"hit {r['hit_rate'] or 0:.3f}  copy {r['copy_gbps'] or 0:5.1f} GB/s  "
-            f"oracle {1e3 * r['oracle_bound_s']:7.2f} ms  ondemand-eff {r['ondemand_efficiency']:.2f}")
+    flag = " (!)" if r["policy"] == "pregate" and "replay_note" in r else ""
+    out = (f"{r['policy'] + flag:14} {100 * r['cache_fraction']:4.0f}% {r['tokens_per_s']:8.2f} tok/s "
+           f"{1e3 * r['time_per_token_s']:8.2f} ms  misses/tok {r['misses_per_token']:6.2f} "
+           f"(Belady {r['belady_misses_per_token']:6.2f})  stall {1e3 * r['stall_per_token_s']:7.2f} ms/tok  "
+           f"hit {r['hit_rate'] or 0:.3f}  copy {r['copy_gbps'] or 0:5.1f} GB/s  "
+           f"oracle {1e3 * r['oracle_bound_s']:7.2f} ms  ondemand-eff {r['ondemand_efficiency']:.2f}")
+    if r.get("prefetch_issued"):
+        out += (f"  prefetch {r['prefetch_issued']} (used {r['prefetch_used']}, wasted {r['prefetch_wasted']})")
+    if r.get("pregate_recall_next") is not None:
+        out += f"  next-layer recall {r['pregate_recall_next']:.3f}"
+    h = r.get("host_per_token_s")
+    if h:
+        out += ("  host ms/tok: sync {:.2f} runtime {:.2f} first-copy {:.2f} launch {:.2f} after {:.2f}".format(
+            *(1e3 * h[k] for k in ("router_sync_s", "runtime_s", "to_first_copy_s", "launch_s", "after_launch_s"))))
+    return out
 
 
 def table(res: dict) -> str:
-    lines = [f"O1 ({res.get('path', 'eager')} path) {res['model']} {res['layers']} layers, trace {res['route_trace']}, {res['tokens']} tokens; "
+    trace = res.get("route_trace")
+    lines = [f"O1 ({res.get('path', 'eager')} path) {res['model']} {res['layers']} layers, "
+             f"{'trace ' + trace if trace else 'own router (no trace)'}, {res['tokens']} tokens; "
              f"H2D {res['h2d_pinned_GBps']:.1f} GB/s, expert {res['expert_bytes'] / 1e6:.1f} MB "
              f"({1e3 * res['per_expert_copy_s']:.2f} ms), resident eager {1e3 * res['resident_eager_s']:.2f} ms, "
-             f"graph {1e3 * res['resident_graph_s']:.2f} ms", "(!) pregate: " + REPLAY_NOTE["pregate"]]
+             f"graph {1e3 * res['resident_graph_s']:.2f} ms",
+             "(!) pregate: " + REPLAY_NOTE["pregate"] if trace else f"routing: {res.get('routing')}"]
     lines += [row(r) for r in res["cells"]]
     return "\n".join(lines)
 
 
 def add_args(p) -> None:
     p.add_argument("--offload", action="store_true", help="scenario O1: offloaded decode under trace replay")
-    p.add_argument("--route-trace", default="gsm8k_2", help="routing trace replayed by --offload")
+    p.add_argument("--route-trace", default="gsm8k_2", help="routing trace replayed by --offload ('none': the model's own router decides)")
     p.add_argument("--tokens", type=int, default=48, help="--offload: timed decode tokens (default 48)")
     p.add_argument("--warmup", type=int, default=8, help="--offload: decode tokens before timing (default 8)")
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.75],
@@ -371,6 +516,11 @@ def add_args(p) -> None:
     p.add_argument("--eager", action="store_true",
                    help="--offload: eager Model.forward per step instead of the segmented CUDA-graph decode")
     p.add_argument("--host-blobs", type=int, default=16, help="--offload: distinct pinned host blobs")
+    p.add_argument("--predict-ahead", type=int, default=2,
+                   help="--offload without a trace: layers of routers expertflow predicts on the device (default 2)")
+    p.add_argument("--timeline", action="store_true",
+                   help="--offload: record a timeline in the first cell of each policy (on with --plot)")
+    p.add_argument("--timeline-steps", type=int, default=4, help="--offload: steps a timeline records (default 4)")
 
 
 def main(a, log=None) -> dict:

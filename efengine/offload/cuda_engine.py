@@ -47,7 +47,7 @@ class _CudaEvent:
 
     def wait(self) -> float:
         import cupy
-        t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
+        t0, t1 = self.engine.timing_pair()
         compute = self.engine.compute or cupy.cuda.get_current_stream()
         t0.record(compute)
         compute.wait_event(self.end)
@@ -65,6 +65,14 @@ def _pinned(a: np.ndarray) -> bool:
         return cupy.cuda.runtime.pointerGetAttributes(a.ctypes.data).type == 1     # cudaMemoryTypeHost
     except Exception:  # noqa: BLE001  (unregistered memory on older drivers raises)
         return False
+
+
+def _slot_ptr(pool, slot: int) -> int:
+    """Device address of a pool slot (ExpertPool: base + slot * stride, no view made per copy)."""
+    base = getattr(pool, "base", None)
+    if isinstance(base, int) and hasattr(pool, "stride"):
+        return base + slot * pool.stride
+    return pool.slot_array(slot).data.ptr
 
 
 class HostRegistration:
@@ -118,6 +126,27 @@ class CudaEngine:
         self.fences: dict[int, object] = {}
         self.waits: list = []
         self.clock = WallClock()
+        # reused events (no allocation per layer): fences once a copy stream waited on them (a wait
+        # takes the event's state at the call), timing pairs once drain_stall has read them
+        self.spare_fences: list = []
+        self.spare_pairs: list = []
+        self.pinned_at: dict[int, bool] = {}    # host address -> page-locked (pointerGetAttributes)
+
+    def timing_pair(self) -> tuple:
+        if self.spare_pairs:
+            return self.spare_pairs.pop()
+        return self.cupy.cuda.Event(), self.cupy.cuda.Event()
+
+    def _is_pinned(self, host: np.ndarray) -> bool:
+        if not host.flags.c_contiguous:
+            return False
+        p = host.ctypes.data
+        got = self.pinned_at.get(p)
+        if got is None:
+            if len(self.pinned_at) > 65536:
+                self.pinned_at.clear()
+            got = self.pinned_at[p] = _pinned(host)
+        return got
 
     def _stage(self, blob: np.ndarray):
         import cupyx
@@ -139,26 +168,27 @@ class CudaEngine:
         fence = self.fences.pop(slot, None)
         if fence is not None:
             self.stream.wait_event(fence)
-        dst = pool.slot_array(slot)
+            self.spare_fences.append(fence)
         if isinstance(blob, cp.ndarray):                      # already on the device
+            dst = pool.slot_array(slot)
             start.record(self.stream)
             with self.stream:
                 dst[: blob.size] = blob
-        elif self.direct_pinned and _pinned(np.asarray(blob)):
+        elif self.direct_pinned and self._is_pinned(np.asarray(blob)):
             host = np.asarray(blob).reshape(-1)
             start.record(self.stream)
-            cp.cuda.runtime.memcpyAsync(dst.data.ptr, host.ctypes.data, host.size, 1, self.stream.ptr)
+            cp.cuda.runtime.memcpyAsync(_slot_ptr(pool, slot), host.ctypes.data, host.size, 1, self.stream.ptr)
             self.direct_copies += 1
         else:
             k, buf = self._stage(np.asarray(blob).reshape(-1))
             start.record(self.stream)
-            cp.cuda.runtime.memcpyAsync(dst.data.ptr, buf.ctypes.data, blob.size, 1, self.stream.ptr)
+            cp.cuda.runtime.memcpyAsync(_slot_ptr(pool, slot), buf.ctypes.data, blob.size, 1, self.stream.ptr)
             self.staged[k] = end
         end.record(self.stream)
         return _CudaEvent(self, nbytes, start, end)
 
     def fence(self, slot: int) -> None:
-        ev = self.cupy.cuda.Event(disable_timing=True)
+        ev = self.spare_fences.pop() if self.spare_fences else self.cupy.cuda.Event(disable_timing=True)
         ev.record(self.compute or self.cupy.cuda.get_current_stream())
         self.fences[slot] = ev
 
@@ -167,6 +197,7 @@ class CudaEngine:
         for t0, t1 in self.waits:
             t1.synchronize()
             total += self.cupy.cuda.get_elapsed_time(t0, t1) / 1e3
+        self.spare_pairs.extend(self.waits)
         self.waits.clear()
         return total
 

@@ -14,23 +14,33 @@ on_layer(layer, hidden)):
   end_layer    tick += 1; policies without hidden states plan their prefetches here
   on_layer     pregate / expertflow apply later layers' routers to the hidden state, predict,
                size the horizon and queue prefetches (priority by deadline, then probability).
+The segmented CUDA-graph decode (ops/gpu_offload_decode.py) calls `demand(layer, ids)` instead of
+begin_layer (copies of the misses issued first, then the bookkeeping; nothing is yielded: the
+experts run in a segment launched afterwards) and `end_layer(layer, pregate=logits [S, E])`:
+later layers' router logits computed on the device in the router's segment stand in for the
+hidden state (rows: MoE layers i+1..i+S).
+Timeline: while `stats.timeline` is a list, the first `stats.timeline_steps` steps record compute /
+copy / stall events (timeline.py).
 The runtime decides only where weights are and when: results equal the all-resident run bit for
 bit, whatever the policy or budget.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
 from ..errors import ConfigError, EfError
 from ..experts import ExpertProvider
 from .bias import RouteBias, check_margin
-from .cache import ExpertCache
+from .cache import FREE, LRU, ExpertCache
 from .horizon import Horizon
 from .policy import make_policy
 from .predict import pregate_probs, pregate_topk
 from .prefetch import ImmediateEngine, Prefetcher, ThreadEngine, VirtualClock, VirtualEngine
 from .stats import OffloadStats
 from .store import HostStore, NullStore
+from .timeline import TimelineRecorder
 
 
 def resolve_slots(store, slots: int | None = None, fraction: float | None = None,
@@ -101,7 +111,16 @@ class OffloadRuntime(ExpertProvider):
         self._stall_prev = 0.0
         self._late_predicted = 0
         self._step_marks = (0, 0)
-        self.defer_use: list | None = None   # OffloadDecodeGraph: slots yielded, used by a later launch
+        self.defer_use: list | None = None   # slots yielded, used by a later launch (begin_layer path)
+        # demand(): LRU's victim does not depend on the access being counted first (the layer's own
+        # experts are pinned, the rest keep their times), so its copies may start before it is
+        self._issue_first = type(self.policy.eviction) is LRU
+        self.first_issue_t: float | None = None   # perf_counter of demand()'s first copy (host timing)
+        self._pred: tuple | None = None      # (i, logits [S, E]) of end_layer(pregate=)
+        self._pg_next: tuple | None = None   # (i + 1, set) the next layer's router predicted
+        self.pg_hits = self.pg_total = 0     # its top-k recall against what that layer routed
+        self._tl: TimelineRecorder | None = None
+        self._tl_of = None                   # the stats.timeline list recorded (once per list)
 
     # ---- wiring --------------------------------------------------------------------------------
     def attach(self, model) -> "OffloadRuntime":
@@ -116,11 +135,25 @@ class OffloadRuntime(ExpertProvider):
         return self
 
     def close(self) -> None:
+        if self._tl is not None:
+            self._tl.close()
+            self._tl = None
         self.engine.close()
+
+    @property
+    def recorder(self) -> TimelineRecorder | None:
+        """The timeline recorder while one records (drivers add their compute intervals to it)."""
+        return self._tl
 
     # ---- ExpertProvider ------------------------------------------------------------------------
     def begin_step(self, positions) -> None:
         self.T = int(np.asarray(positions).size)
+        tl = getattr(self.stats, "timeline", None)
+        if tl is not None and self._tl is None and tl is not self._tl_of:
+            self._tl_of = tl
+            self._tl = TimelineRecorder(self, tl, getattr(self.stats, "timeline_steps", 4))
+        if self._tl is not None:
+            self._tl.begin_step(self.stats.steps)
         self.stats.begin_step(self.T, self.clock.now())
         if self.policy.predictor is not None:
             self.policy.predictor.begin_step()
@@ -135,6 +168,7 @@ class OffloadRuntime(ExpertProvider):
         self._time_layer()
         keys = [int(e) for e in np.unique(np.asarray(ids))]
         cache, pf = self.cache, self.prefetcher
+        self._score_pregate(i, keys)
         pf.poll()
         flat = i * cache.E + np.asarray(keys)
         self.stats.prefetch_used += int(cache.prefetched[flat].sum())
@@ -172,9 +206,83 @@ class OffloadRuntime(ExpertProvider):
             e = next((x for x in waiting if cache.is_ready(i, x)), waiting[0])
             waiting.remove(e)
             if not cache.is_ready(i, e):
-                self.stats.stall_s += pf.wait(i, e)
+                self._wait(i, e)
             yield e, self.pool.handle(layer, e)
             self._used(i, e)
+
+    def demand(self, layer: int, ids) -> list[int]:
+        """begin_layer for a segment launched after this returns (OffloadDecodeGraph): nothing is
+        yielded. The misses' copies are issued first (LRU: before the access is even counted), then
+        the compute stream is made to wait on the copies in flight (no host wait), then the stats
+        and policy updates. Returns the slots the segment will read: pinned until end_layer; fence
+        them (engine.fence) once the segment is launched."""
+        i = self.store.index.get(layer)
+        if i is None:
+            raise EfError(f"offload runtime: layer {layer} has no routed experts")
+        cache, pf, base = self.cache, self.prefetcher, i * self.cache.E
+        keys = sorted(set(np.asarray(ids).reshape(-1).tolist()))
+        self.first_issue_t = None
+        if pf.inflight:
+            pf.poll()
+        state = cache.state
+        missing = [e for e in keys if state[base + e] == FREE]
+        late = [e for e in keys if base + e in pf.inflight]
+        asked = sum(1 for e in missing if base + e in pf.requests)     # requested, not yet issued
+        if self._issue_first:
+            cache.pin(i, keys)
+            deferred = self._issue(i, missing)
+            self._count_layer(i, keys, missing, late, asked)
+        else:                    # the policy must see the access before it picks victims
+            self._count_layer(i, keys, missing, late, asked)
+            cache.pin(i, keys)
+            deferred = self._issue(i, missing)
+        while deferred:          # every slot pinned or loading: free one as a copy lands
+            if not pf.inflight:
+                raise EfError(f"offload runtime: no slot can be freed for layer {layer}")
+            self.stats.stall_s += pf.wait_any()
+            deferred = self._issue(i, deferred)
+        for e in keys:
+            if not cache.is_ready(i, e):
+                self._wait(i, e)
+        return [int(cache.slot_of[base + e]) for e in keys]
+
+    def _issue(self, i: int, experts: list) -> list:
+        """Start the demand copies of `experts`; returns those that found no slot."""
+        left = []
+        for e in experts:
+            if self.prefetcher.load(i, e):
+                if self.first_issue_t is None:
+                    self.first_issue_t = time.perf_counter()
+            else:
+                left.append(e)
+        return left
+
+    def _count_layer(self, i: int, keys: list, missing: list, late: list, asked: int) -> None:
+        """Stats, horizon and policy updates of one layer's access (demand's bookkeeping)."""
+        self._time_layer()
+        self._score_pregate(i, keys)
+        cache, s = self.cache, self.stats
+        s.prefetch_used += int(cache.prefetched[i * cache.E + np.asarray(keys)].sum())
+        s.misses += len(missing)
+        s.late += len(late)
+        s.hits += len(keys) - len(missing) - len(late)
+        self.horizon.observe_misses(len(missing))
+        self._late_predicted += len(late) + asked
+        cache.access(i, keys)
+
+    def _wait(self, i: int, e: int) -> None:
+        """The compute side waits for the copy of (i, e): stall (and its timeline interval)."""
+        tl = self._tl
+        n = len(getattr(self.engine, "waits", ()))
+        stall = self.prefetcher.wait(i, e)
+        self.stats.stall_s += stall
+        if tl is not None:
+            waits = getattr(self.engine, "waits", None)
+            if waits is not None and len(waits) > n:             # CUDA: the timing events of the wait
+                tl.stall(self.store.layers[i], i * self.cache.E + e, *waits[-1])
+            elif waits is None:
+                now = self.clock.now()
+                tl.stall(self.store.layers[i], i * self.cache.E + e, now - stall, now)
 
     def _used(self, i: int, e: int) -> None:
         """The model has issued its work on (i, e): the slot may be reused once that work is done.
@@ -189,11 +297,18 @@ class OffloadRuntime(ExpertProvider):
             fence(slot)
         self.cache.unpin(i, [e])
 
-    def end_layer(self, layer: int) -> None:
+    def end_layer(self, layer: int, pregate=None) -> None:
+        """pregate: router logits [S, E] of MoE layers i+1..i+S on this layer's state (graph path)."""
         i = self.store.index[layer]
         self.cache.unpin()
         self.tick += 1
-        if self.model is None or not self.policy.uses_hidden:
+        if pregate is not None and self.policy.uses_hidden:
+            self._pred = (i, np.asarray(pregate, dtype=np.float64).reshape(-1, self.store.E))
+            try:
+                self._plan(i, None)
+            finally:
+                self._pred = None
+        elif self.model is None or not self.policy.uses_hidden:
             self._plan(i, None)
 
     def on_layer(self, layer: int, hidden) -> None:
@@ -206,6 +321,8 @@ class OffloadRuntime(ExpertProvider):
     def end_step(self) -> None:
         s = self.stats
         wasted, used = s.prefetch_wasted - self._step_marks[0], s.prefetch_used - self._step_marks[1]
+        if self._tl is not None and self._tl.end_step():  # before drain: it converts the wait events
+            self._tl = None
         drain = getattr(self.engine, "drain_stall", None)   # a CUDA engine's event-timed stall
         if drain is not None:
             s.stall_s += drain()
@@ -220,14 +337,39 @@ class OffloadRuntime(ExpertProvider):
             self.horizon.observe_layer(now - self._t_prev - (self.stats.stall_s - self._stall_prev), self.T)
         self._t_prev, self._stall_prev = now, self.stats.stall_s
 
-    def _router_probs(self, i: int, hidden) -> np.ndarray:
-        logits = self.model.router_logits(self.store.layers[i], hidden)
-        return np.asarray(self.backend.to_host(logits), dtype=np.float64)
+    def _router_probs(self, i2: int, hidden) -> np.ndarray | None:
+        """Router logits [T, E] of MoE layer i2 on the current state: the hidden state's (eager
+        path) or the graph path's device predictions (end_layer(pregate=)); None if neither has it."""
+        if hidden is not None:
+            logits = self.model.router_logits(self.store.layers[i2], hidden)
+            lg = np.asarray(self.backend.to_host(logits), dtype=np.float64)
+        elif self._pred is not None and 0 <= i2 - self._pred[0] - 1 < len(self._pred[1]):
+            k = i2 - self._pred[0] - 1
+            lg = self._pred[1][k:k + 1]
+        else:
+            return None
+        return lg
+
+    def _predicted_next(self, i2: int, lg: np.ndarray) -> np.ndarray:
+        """The router's top-k of the next layer i2; kept to score it when i2 routes."""
+        top = pregate_topk(lg, self.store.A)
+        self._pg_next = (i2, {int(e) for e in top})
+        return top
+
+    def _score_pregate(self, i: int, keys: list) -> None:
+        p = self._pg_next
+        if p is not None and p[0] == i:
+            self.pg_hits += len(p[1].intersection(keys))
+            self.pg_total += len(keys)
+        self._pg_next = None
 
     def _plan(self, i: int, hidden) -> None:
         kind = self.policy.prefetch
-        if kind == "pregate" and hidden is not None and i + 1 < self.store.L:
-            for e in pregate_topk(self._router_probs(i + 1, hidden), self.store.A):
+        if kind == "pregate" and i + 1 < self.store.L:
+            lg = self._router_probs(i + 1, hidden)
+            if lg is None:
+                return
+            for e in self._predicted_next(i + 1, lg):
                 if not self.cache.is_present(i + 1, int(e)):
                     self.prefetcher.request(i + 1, int(e), self.tick)
             self.prefetcher.pump(self.tick, max_backlog=self._backlog_bytes())
@@ -236,10 +378,14 @@ class OffloadRuntime(ExpertProvider):
 
     def _plan_horizon(self, i: int, hidden) -> None:
         ev, st, S = self.policy.eviction, self.store, self.horizon.value
-        if hidden is not None:
+        if hidden is not None or self._pred is not None:
             pg = np.full((st.L, st.E), np.nan)
             for l2 in range(i + 1, min(st.L, i + 1 + max(S, self.pregate_span))):
-                pg[l2] = pregate_probs(self._router_probs(l2, hidden), st.A)
+                lg = self._router_probs(l2, hidden)
+                if lg is not None:
+                    pg[l2] = pregate_probs(lg, st.A)
+                    if l2 == i + 1:
+                        self._predicted_next(l2, lg)
             ev.refresh(i, pg)
         P, d = ev.P, ev.d
         absent = ~self.cache.resident.reshape(st.L, st.E)
@@ -282,6 +428,9 @@ class OffloadRuntime(ExpertProvider):
                        rerouted_experts=self.bias.substitutions)
         if self.policy.predictor is not None:
             out["prediction_recall_by_distance"] = self.policy.predictor.accuracy_by_distance()
+        if self.pg_total:       # the next layer's router on this layer's state: top-k recall
+            out["pregate_recall_next"] = round(self.pg_hits / self.pg_total, 4)
+            out["pregate_scored"] = self.pg_total
         return out
 
 
@@ -300,28 +449,43 @@ def _make_pool(backend, source, store, n_slots: int, n_model_layers: int):
 
 def replay_trace(trace, policy: str = "ondemand", *, fraction: float = 0.5, blob_nbytes: int = 94_000_000,
                  bandwidth: float = 55e9, layer_s: float = 75e-6, max_inflight: int = 4,
-                 tokens: int | None = None, **policy_kw) -> dict:
+                 tokens: int | None = None, timeline: int = 0, **policy_kw) -> dict:
     """Timed replay of a routing trace through the runtime on a virtual clock (no weights).
 
     Each layer computes for layer_s (split evenly over its experts, so resident-first ordering
     overlaps copies); copies take blob_nbytes / bandwidth on one FIFO copy queue. Pre-gate policies
-    have no hidden states here: pregate never prefetches and expertflow is history-only."""
+    have no hidden states here: pregate never prefetches and expertflow is history-only.
+    timeline > 0: the first `timeline` steps' compute / copy / stall intervals (virtual seconds)
+    are returned under "timeline"."""
     store = NullStore(trace.n_layers, trace.n_experts, trace.top_k, blob_nbytes)
     engine = VirtualEngine(bandwidth, clock=VirtualClock())
     rt = OffloadRuntime(None, "numpy", policy=policy, fraction=fraction, store=store, engine=engine,
                         max_inflight=max_inflight, keep_log=False, **policy_kw)
+    if timeline > 0:
+        rt.stats.timeline, rt.stats.timeline_steps = [], int(timeline)
     n = trace.n_tokens if tokens is None else min(tokens, trace.n_tokens)
     pos = np.zeros(1, dtype=np.int64)
+    clock = engine.clock
     for t in range(n):
         rt.begin_step(pos)
         for l in range(trace.n_layers):
             ids = trace.experts[t, l][None, :]
             k = len(np.unique(ids))
-            engine.clock.advance(layer_s / 2)                   # attention and router
+            _compute(rt, l, clock, layer_s / 2)                 # attention and router
             for _ in rt.begin_layer(l, ids):
-                engine.clock.advance(layer_s / 2 / k)
+                _compute(rt, l, clock, layer_s / 2 / k)
             rt.end_layer(l)
         rt.end_step()
     out = rt.summary()
-    out["time_per_token_s"] = round(engine.clock.now() / max(n, 1), 6)
+    out["time_per_token_s"] = round(clock.now() / max(n, 1), 6)
+    if timeline > 0:
+        out["timeline"] = rt.stats.timeline
     return out
+
+
+def _compute(rt: OffloadRuntime, layer: int, clock, seconds: float) -> None:
+    """Virtual compute of `seconds` (a timeline interval while recording)."""
+    t0 = clock.now()
+    clock.advance(seconds)
+    if rt._tl is not None:
+        rt._tl.compute(layer, t0, clock.now())
