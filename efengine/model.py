@@ -274,7 +274,8 @@ class Model:
         order = np.argsort(flat, kind="stable")                            # slots sorted by expert id
         experts, starts = np.unique(flat[order], return_index=True)
         bounds = dict(zip(experts.tolist(), zip(starts.tolist(), [*starts[1:].tolist(), flat.size])))
-        if T >= getattr(b, "MOE_PREFILL_MIN_T", T + 1) and self._can_group(len(bounds)):
+        grouped = T >= getattr(b, "MOE_PREFILL_MIN_T", T + 1)
+        if grouped and self._can_group(len(bounds)):
             y, done = self._moe_grouped(l, x, ids_h, bounds)
         else:
             y = xp.empty((T * A, D), dtype=xp.float32)
@@ -283,7 +284,10 @@ class Model:
                 _check_yield(l, e, bounds, done)
                 s0, s1 = bounds[e]
                 slots = b.asarray(order[s0:s1])
-                y[slots] = b.expert_ffn(x[slots // A], handle)
+                if grouped:        # the grouped kernels on one expert: the same bits as all at once
+                    y[slots] = b.moe_prefill(x[slots // A], np.full((s1 - s0, 1), e, np.int32), {e: handle})
+                else:
+                    y[slots] = b.expert_ffn(x[slots // A], handle)
                 done.add(e)
         self.experts.end_layer(l)
         if len(done) != len(bounds):

@@ -93,9 +93,11 @@ class GroupedNumpy(NumpyBackend):
 
     def __init__(self):
         self.calls = 0
+        self.experts_per_call = []
 
     def moe_prefill(self, x, ids, handles):
         self.calls += 1
+        self.experts_per_call.append(len(handles))
         A = ids.shape[1]
         order, experts, tiles = gpu_prefill.plan(ids, bm=ids.size)
         y = np.empty((ids.size, x.shape[1]), dtype=np.float32)
@@ -151,8 +153,12 @@ def test_model_grouped_defer_use(tiny_ef):
     assert g.calls > 0 and m.experts.fenced and m.experts.defer_use is None
     g2 = GroupedNumpy()
     m2 = _model(tiny_ef, g2, lambda s: _Deferring(s, g2, n_slots=1))   # cannot pin a layer: loop
-    m2.forward(np.arange(1, 14) % 100, m2.new_cache(32))
-    assert g2.calls == 0 and not m2.experts.fenced
+    prompt = np.arange(1, 14) % 100
+    b = m2.forward(prompt, m2.new_cache(32))
+    # one expert a call (the same kernels as the grouped launch, so the same bits), nothing fenced
+    assert g2.calls > 0 and set(g2.experts_per_call) == {1} and not m2.experts.fenced
+    a = _model(tiny_ef, "numpy")
+    np.testing.assert_array_equal(a.forward(prompt, a.new_cache(32)), b)
 
 
 class _Bad(ExpertProvider):
