@@ -153,6 +153,8 @@ class ExpertCache:
         self.n_slots, self.L, self.E = int(n_slots), int(n_layers), int(n_experts)
         self.eviction = eviction if eviction is not None else LRU()
         self.eviction.setup(self.L, self.E, self.n_slots)
+        # only partitioned policies override over_quota: the others skip building `resident` for it
+        self._quota = type(self.eviction).over_quota is not Eviction.over_quota
         self.table = np.full((self.L, self.E), -1, dtype=np.int32)      # READY experts -> slot
         self.slot_of = np.full(self.L * self.E, -1, dtype=np.int32)     # loading or ready -> slot
         self.state = np.zeros(self.L * self.E, dtype=np.int8)           # FREE / LOADING / READY
@@ -218,7 +220,7 @@ class ExpertCache:
         if self.state[f] != FREE:
             raise ConfigError(f"expert {e} of layer {layer} is already in the cache")
         evicted = -1
-        if not self.free or self.eviction.over_quota(self.resident, layer):
+        if not self.free or (self._quota and self.eviction.over_quota(self.resident, layer)):
             cand = self.evictable(protect)
             if not cand.any():
                 if self.free:
@@ -231,7 +233,7 @@ class ExpertCache:
     def peek_victim(self, layer: int, protect: np.ndarray | None = None) -> int:
         """What allocate would do now, without doing it: -1 a free slot, -2 nothing possible,
         else the flat id it would evict."""
-        if self.free and not self.eviction.over_quota(self.resident, layer):
+        if self.free and not (self._quota and self.eviction.over_quota(self.resident, layer)):
             return -1
         cand = self.evictable(protect)
         if not cand.any():

@@ -51,98 +51,108 @@ class ExpertflowEviction(Eviction):
         self.lru.setup(n_layers, n_experts, n_slots)
         self.freq.setup(n_layers, n_experts, n_slots)
         self._due = None               # a layer observed but not yet re-predicted (lazy refresh)
-        self.P = np.full((n_layers, n_experts), 0.5)          # route head: what to protect
-        self.R = self.P                                        # reuse head: eviction ranking
-        self.d = np.full(n_layers, n_layers)
-        self._memo: dict = {}          # predicted(S) and next_use() of the current P, R, d
+        self._P = np.full((n_layers, n_experts), 0.5)         # route head: what to protect
+        self._R = self._P                                      # reuse head: eviction ranking
+        self._d = np.full(n_layers, n_layers)
+        self._T = None                 # next_use() of the current R, d (None: not computed yet)
+        self._prot: tuple | None = None   # (S, predicted(S)) of the current P, d
 
     # P, R, d are re-predicted on first use after an access: a layer whose experts are all resident
-    # needs no victim, so its prediction waits for the planning after the next launch (same values)
+    # needs no victim, so its prediction waits for the planning after the next launch (same values).
+    # next_use() and predicted(S) are kept until P, R or d change.
     def _sync(self) -> None:
         if self._due is not None:
             self.refresh(self._due)
 
     @property
     def P(self) -> np.ndarray:
-        self._sync()
+        if self._due is not None:
+            self.refresh(self._due)
         return self._P
 
     @P.setter
     def P(self, v) -> None:
-        self._P = v
+        self._P, self._prot = v, None
 
     @property
     def R(self) -> np.ndarray:
-        self._sync()
+        if self._due is not None:
+            self.refresh(self._due)
         return self._R
 
     @R.setter
     def R(self, v) -> None:
-        self._R = v
+        self._R, self._T = v, None
 
     @property
     def d(self) -> np.ndarray:
-        self._sync()
+        if self._due is not None:
+            self.refresh(self._due)
         return self._d
 
     @d.setter
     def d(self, v) -> None:
-        self._d = v
+        self._d, self._T, self._prot = v, None, None
 
     @property
     def S(self) -> int:
         return int(self.horizon() if callable(self.horizon) else self.horizon)
 
     def on_access(self, layer, experts):
-        self.lru.on_access(layer, experts)
-        self.freq.on_access(layer, experts)
-        self._sync()                   # the previous access's prediction, if never read, comes first
+        if self.inner == "lru":        # the inner orders' statistics, kept only where they are read
+            self.lru.on_access(layer, experts)
+        elif self.inner == "freq":
+            self.freq.on_access(layer, experts)
+        if self._due is not None:      # the previous access's prediction, if never read, comes first
+            self.refresh(self._due)
         self.predictor.observe(layer, experts)
         self._due = layer
 
     def refresh(self, layer: int, pregate: np.ndarray | None = None) -> np.ndarray:
         """Re-predict after `layer` (with pre-gate probabilities when the hidden state is known)."""
         self._due = None
-        self.P = self.predictor.predict(layer, pregate)
-        self.R = self.predictor.P_reuse
-        self.d = self.predictor.distances(layer)
-        return self.P
-
-    def _cached(self, key, make: Callable[[], np.ndarray]) -> np.ndarray:
-        """Memo of a function of (P, R, d) until one of them is replaced (refresh makes new arrays)."""
-        of = (self.P, self.R, self.d)
-        if self._memo.get("of") is None or any(a is not b for a, b in zip(self._memo["of"], of)):
-            self._memo = {"of": of}
-        v = self._memo.get(key)
-        if v is None:
-            v = self._memo[key] = make()
-        return v
+        self._P = self.predictor.predict(layer, pregate)
+        self._R = self.predictor.P_reuse
+        self._d = self.predictor.distance_row(layer)
+        self._T = self._prot = None
+        return self._P
 
     def on_load(self, layer, e, prefetch):
-        self.lru.on_load(layer, e, prefetch)
+        if self.inner == "lru":
+            self.lru.on_load(layer, e, prefetch)
 
     def next_use(self) -> np.ndarray:
         """T [L*E]: expected layer-steps to each expert's next use (read-only; one per refresh)."""
-        return self._cached("T", self._next_use)
-
-    def _next_use(self) -> np.ndarray:
-        p = np.clip(self.R, self.p_min, 1.0)
-        return (self.alpha * self.d[:, None] + self.L * (1.0 / p - 1.0)).reshape(-1)
+        if self._due is not None:
+            self.refresh(self._due)
+        if self._T is None:
+            p = np.clip(self._R, self.p_min, 1.0)
+            self._T = (self.alpha * self._d[:, None] + self.L * (1.0 / p - 1.0)).reshape(-1)
+        return self._T
 
     def predicted(self, horizon: int | None = None) -> np.ndarray:
         """bool [L*E]: the top_k predicted experts of each layer within the horizon."""
         S = self.S if horizon is None else horizon
-        return self._cached(S, lambda: self._predicted(S))   # victim() asks once per eviction
+        if self._due is not None:
+            self.refresh(self._due)
+        if self._prot is None or self._prot[0] != S:         # victim() asks once per eviction
+            m = self._predicted(S)
+            self._prot = (S, m, ~m)
+        return self._prot[1]
 
     def _predicted(self, S: int) -> np.ndarray:
         A = self.predictor.A
-        rows = np.flatnonzero(self.d <= S)          # only layers inside the horizon (row-wise top-A)
+        rows = np.flatnonzero(self._d <= S)         # only layers inside the horizon (row-wise top-A)
         m = np.zeros((self.L, self.E), dtype=bool)
-        m[rows[:, None], np.argpartition(-self.P[rows], A - 1, axis=1)[:, :A]] = True
+        m[rows[:, None], np.argpartition(-self._P[rows], A - 1, axis=1)[:, :A]] = True
         return m.reshape(-1)
 
     def victim(self, candidates, resident, layer):
-        pool = candidates & ~self.predicted() if self.protect else candidates
+        if self.protect:
+            self.predicted()
+            pool = candidates & self._prot[2]          # unprotected candidates
+        else:
+            pool = candidates
         T = self.next_use()
         if not pool.any():
             return _argmax(T, candidates)

@@ -43,7 +43,12 @@ def bucket_of(d: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+    """1 / (1 + exp(-clip(z, -30, 30))), in place in z (the same operations, so the same bits)."""
+    np.clip(z, -30, 30, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    z += 1.0
+    return np.divide(1.0, z, out=z)
 
 
 class HybridPredictor:
@@ -66,10 +71,12 @@ class HybridPredictor:
         self.W[..., 11] = 1.0
         self.mask = np.ones((2, F))
         self.mask[0, [7, 8]] = 0.0                           # the reuse head ignores co-activation
+        # The mask is applied to the gradient only: W[0, :, 7:9] starts at +0.0 and its gradient is
+        # x * 0 = +-0.0, so it stays exactly +0.0 and W equals W * mask bit for bit (no multiply).
         self.P_reuse = np.full((L, E), top_k / n_experts)
-        self.lags = np.zeros((L, 3, E))                      # last 3 executions of each layer
-        self.freq = np.zeros((len(DECAYS), L, E))
-        self.decay = np.asarray(DECAYS)[:, None]
+        self.freq = np.zeros((L, E, len(DECAYS)))            # decayed frequencies [layer, e, scale]
+        self._decay = np.asarray(DECAYS)
+        self._keep = 1.0 - self._decay
         self.co = np.zeros((L, max(self.span, 1), E, E))     # [c, dd-1, e at c, e2 at c+dd]
         self.cnt = np.zeros((L, E))
         self.execs = np.zeros(L)
@@ -84,13 +91,22 @@ class HybridPredictor:
         self.Xbase[..., 0] = 1.0
         self.acc_hits = np.zeros(L + 1)                      # by distance d (1..L): top-A recall
         self.acc_total = np.zeros(L + 1)
-        self._acc: list = []                                 # (ok, p, y) not yet counted (off-path)
+        self._acc: list = []                                 # (ok, p, y) not yet counted (batched)
         d = np.arange(L)[None, :] - np.arange(L)[:, None]
         self._dist = np.where(d > 0, d, d + L)               # [c, l]: distances(c)
+        self._dist.flags.writeable = False
         self._bkt = bucket_of(self._dist)                    # [c, l]: their buckets
+        self._bkt_d = bucket_of(np.arange(1, L + 1))         # [d-1]: bucket of distance d
         self._arL = np.arange(L)
-        self._heads = np.arange(2)[:, None]
+        self._pend_at = self._arL[None, :] * L + self._dist - 1   # [c, l]: flat (l, d-1) in pending
+        self._onehot_all = (self._bkt_d[None, :] == np.arange(self.B)[:, None]).astype(np.float64)  # [B, d-1]
+        self._fuse_b = np.concatenate([self._bkt, self._bkt_d[None, :].repeat(L, 0)], axis=1)   # [c, L + L]
+        self._XX = np.zeros((2 * L, E, F))                   # predict(): new features, then pending of c+1
         self._gmask = self.mask[:, None, :] / E              # [2, 1, F] gradient mask and scale
+        dd = np.arange(1, self.span + 1)                      # co-activation rows each layer updates
+        self._co_at = [(l - dd[l - dd >= 0], dd[l - dd >= 0] - 1) for l in range(L)]
+        self._co_t = [(c + 1, min(c + self.span, L - 1) + 1) for c in range(L)]   # coact targets of c
+        self._marg0 = E / self.A
         self.version = 0                                     # bumped when W or `pending` change
         self._prep = None                                    # prepare(): (layer, version, ok, X, b, P)
         self._due = None                                     # (layer, y): a gradient step not yet taken
@@ -110,17 +126,18 @@ class HybridPredictor:
         # it is taken when W is next needed (predict, prepare), so a layer whose routing needs no
         # prediction (every expert resident) leaves it to the planning that runs off the critical path
         self._settle()
-        self._due = (layer, used.astype(np.float64))
-        self.lags[layer, 1:] = self.lags[layer, :-1]
-        self.lags[layer, 0] = used
-        self.freq[:, layer] = self.freq[:, layer] * self.decay + used
-        self.Xbase[layer, :, 1:4] = self.lags[layer].T
-        self.Xbase[layer, :, 4:7] = (self.freq[:, layer] * (1.0 - self.decay)).T
-        dd = np.arange(1, self.span + 1)
-        dd = dd[layer - dd >= 0]
-        if dd.size:      # co-activation with this step's earlier layers (rows not routed add zeros)
-            self.co[layer - dd, dd - 1] += self.step_used[layer - dd][:, :, None] * used[None, None, :]
-        self.cnt[layer] += used
+        y = used.astype(np.float64)
+        self._due = (layer, y)
+        xb, f = self.Xbase[layer], self.freq[layer]          # views [E, F], [E, 3]
+        xb[:, 2:4] = xb[:, 1:3]                              # lags: 1 -> 2 -> 3 executions ago
+        xb[:, 1] = y
+        f *= self._decay
+        f += y[:, None]
+        np.multiply(f, self._keep, out=xb[:, 4:7])
+        rows, dd = self._co_at[layer]
+        if rows.size:    # co-activation with this step's earlier layers (rows not routed add zeros)
+            self.co[rows, dd] += self.step_used[rows][:, :, None] & used
+        self.cnt[layer] += y
         self.execs[layer] += 1
         self.step_used[layer] = used
         self.current = layer
@@ -132,19 +149,22 @@ class HybridPredictor:
         does, after planning) so observe() on the decode critical path only applies the gradient.
         Same numbers as without it: a stale preparation (W or pending changed since) is redone."""
         self._settle()
-        self._flush_accuracy()
+        if len(self._acc) >= 256:
+            self._flush_accuracy()
         if self._prep is not None and self._prep[:2] == (layer, self.version):
             return
-        ok = np.flatnonzero(self.pending_ok[layer])
-        if not ok.size:
-            self._prep = (layer, self.version, ok, None, None, None)
-            return
-        X = self.pending[layer, ok]                                 # [n, E, F]
-        b = bucket_of(ok + 1)
-        # both heads at once: a head's mask zeroes the features it ignores (x * 0 = 0 and
-        # x * 1 = x exactly, so masking the weights equals masking the features)
-        Wm = self.W[:, b] * self.mask[:, None, :]                    # [2, n, F]
-        self._prep = (layer, self.version, ok, X, b, _sigmoid(np.einsum("nef,hnf->hne", X, Wm)))
+        okm = self.pending_ok[layer]
+        if okm.all():                       # steady state: every distance pending, no gather
+            ok, X = self._arL, self.pending[layer]
+        else:
+            ok = np.flatnonzero(okm)
+            if not ok.size:
+                self._prep = (layer, self.version, ok, None, None, None)
+                return
+            X = self.pending[layer, ok]                              # [n, E, F]
+        b = self._bkt_d[ok]
+        # both heads at once (each head's mask is folded into W, see __init__)
+        self._prep = (layer, self.version, ok, X, b, _sigmoid(np.matmul(X, self.W[:, b, :, None])[..., 0]))
 
     def _settle(self) -> None:
         if self._due is not None:
@@ -157,17 +177,23 @@ class HybridPredictor:
         _, _, ok, X, b, P = self._prep
         self._prep = None
         if ok.size:
-            grad = np.einsum("hne,nef->hnf", P - y, X) * self._gmask
-            np.add.at(self.W, (self._heads, b[None, :]), -self.lr * grad)
+            grad = np.matmul((P - y)[:, :, None, :], X)[:, :, 0] * self._gmask     # [2, n, F]
+            M = self._onehot_all if ok is self._arL else self._onehot_all[:, ok]    # [B, n]
+            self.W -= self.lr * np.matmul(M, grad)        # every bucket's summed gradient at once
             self.version += 1
             self._acc.append((ok, P[1], y))         # recall bookkeeping: counted off the critical path
         self.pending_ok[layer] = False
 
     def _flush_accuracy(self) -> None:
-        for ok, p, y in self._acc:
-            top = np.argsort(-p, axis=1, kind="stable")[:, : self.A]
-            self.acc_hits[ok + 1] += y[top].sum(1)
-            self.acc_total[ok + 1] += min(self.A, int(y.sum()))
+        """Count the recall of the learned predictions in one batch (integer counts: exact)."""
+        if not self._acc:
+            return
+        ok = np.concatenate([a[0] for a in self._acc])
+        p = np.concatenate([a[1] for a in self._acc])                           # [m, E]
+        y = np.concatenate([np.broadcast_to(a[2], a[1].shape) for a in self._acc])
+        top = np.argsort(-p, axis=1, kind="stable")[:, : self.A]
+        np.add.at(self.acc_hits, ok + 1, np.take_along_axis(y, top, 1).sum(1))
+        np.add.at(self.acc_total, ok + 1, np.minimum(self.A, y.sum(1)))
         self._acc.clear()
 
     # ---- predicting ----------------------------------------------------------------------------
@@ -175,25 +201,32 @@ class HybridPredictor:
         """[L] layer-steps from having run layer c to the next execution of every layer."""
         return self._dist[c].copy()
 
+    def distance_row(self, c: int) -> np.ndarray:
+        """distances(c) as a read-only view (no copy)."""
+        return self._dist[c]
+
     def features(self, c: int, pregate: np.ndarray | None = None) -> np.ndarray:
         """[L, E, F] features of every candidate for its next execution, layer c just routed."""
-        L, E = self.L, self.E
-        X = self.Xbase.copy()
+        X = np.empty_like(self.Xbase)
+        self._features_into(X, c, pregate)
+        return X
+
+    def _features_into(self, X: np.ndarray, c: int, pregate: np.ndarray | None) -> None:
+        np.copyto(X, self.Xbase)
         if c >= 0 and self.span:
+            t0, t1 = self._co_t[c]
             used = self.step_used[c]
-            t = np.arange(c + 1, min(c + self.span, L - 1) + 1)
-            if t.size and used.any():
-                marg = (self.cnt[t] + 1.0) / (self.execs[t] + E / self.A)[:, None]          # [n, E]
-                co = self.co[c, t - c - 1][:, used]                                          # [n, u, E]
+            if t1 > t0 and used.any():
+                marg = (self.cnt[t0:t1] + 1.0) / (self.execs[t0:t1] + self._marg0)[:, None]   # [n, E]
+                co = self.co[c, : t1 - t0][:, used]                                          # [n, u, E]
                 cond = (co + marg[:, None, :]) / (self.cnt[c][used, None] + 1.0)
-                X[t, :, 7] = np.log(cond.sum(1) / cond.shape[1] / marg)      # = mean(1), bit for bit
-                X[t, :, 8] = 1.0
+                X[t0:t1, :, 7] = np.log(cond.sum(1) / cond.shape[1] / marg)  # = mean(1), bit for bit
+                X[t0:t1, :, 8] = 1.0
         if pregate is not None:
             pg = np.asarray(pregate, dtype=np.float64)
             have = ~np.isnan(pg).any(axis=1)
             if have.any():
                 self._pregate_features(X, pg, have)
-        return X
 
     def _pregate_features(self, X: np.ndarray, pg: np.ndarray, have: np.ndarray) -> None:
         """Columns 9..12 of the rows `have` [L] that have a pre-gate score (others stay 0)."""
@@ -213,18 +246,33 @@ class HybridPredictor:
         `pregate` [L, E] (NaN rows where absent): router probabilities of the later layers applied
         to the current hidden state, scaled so a row sums to top_k (the chance to be picked)."""
         self._settle()
-        X = self.features(c, pregate)
-        d = self._dist[c]
-        self.pending[self._arL, d - 1] = X
-        self.pending_ok[self._arL, d - 1] = True
+        L, XX = self.L, self._XX
+        X = XX[:L]
+        self._features_into(X, c, pregate)
+        at = self._pend_at[c]
+        self.pending.reshape(-1, self.E, self.F)[at] = X
+        self.pending_ok.reshape(-1)[at] = True
         self.version += 1
         if self.seen < self.warmup:
             self.P_reuse = self._fallback(X)
             return self.P_reuse
-        Wb = self.W[:, self._bkt[c]] * self.mask[:, None, :]        # [2, L, F] (heads' masks on W)
-        P = _sigmoid(np.einsum("lef,hlf->hle", X, Wb))
-        self.P_reuse = P[0]
-        return P[1]
+        # one forward pass for these predictions and for those pending for the next layer (its
+        # learning step needs them with this W, which nothing changes before that layer routes)
+        nt = (c + 1) % L
+        okm = self.pending_ok[nt]
+        if okm.all():
+            ok, b_all = self._arL, self._fuse_b[c]
+        else:
+            ok = np.flatnonzero(okm)
+            b_all = np.concatenate([self._bkt[c], self._bkt_d[ok]])
+        n = ok.size
+        XX[L:L + n] = self.pending[nt] if n == L else self.pending[nt, ok]
+        Z = _sigmoid(np.matmul(XX[:L + n], self.W[:, b_all, :, None])[..., 0])   # [2, L + n, E]
+        if n:
+            self._prep = (nt, self.version, ok, self.pending[nt] if n == L else XX[L:L + n].copy(),
+                          self._bkt_d[ok], Z[:, L:])
+        self.P_reuse = Z[0, :L]
+        return Z[1, :L]
 
     def _fallback(self, X: np.ndarray) -> np.ndarray:
         p = np.clip(X[..., 5], 0.0, 1.0)                     # decayed frequency (0.9)

@@ -284,6 +284,8 @@ class Prefetcher:
         max_backlog (bytes): issue only while the engine has less than this queued, so prefetches
         use idle copy time and a demand miss never waits behind more than that.
         Returns how many copies were started."""
+        if not self.requests:              # nothing asked: nothing to drop or start
+            return 0
         E = self.cache.E
         for f, (deadline, _) in list(self.requests.items()):
             if deadline < tick or self.cache.state[f] != 0:
