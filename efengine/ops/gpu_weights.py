@@ -195,10 +195,14 @@ class ExpertPool:
         self.data[slot, : blob.size] = upload_blob(blob).reshape(-1)
 
     def assign(self, layer: int, e: int, slot: int) -> None:
-        """Point (layer, e) at slot (and unmap whatever held the slot before)."""
+        """Point (layer, e) at slot (and unmap whatever held the slot before).
+
+        Eviction does not touch the pool (the previous holder's table entry is cleared here, one
+        device write fewer per miss), so the previous holder may have been loaded again into another
+        slot and assigned there first (its copy waited for out of order): then it stays mapped."""
         old = self.owner.pop(slot, None)
-        if old is not None:
-            self.where.pop(old, None)
+        if old is not None and self.where.get(old) == slot:
+            del self.where[old]
             self.table[old[0], old[1]] = -1
         self.owner[slot] = (layer, e)
         self.where[(layer, e)] = slot
