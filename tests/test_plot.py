@@ -50,8 +50,13 @@ def test_o1_result_from_the_h100(tmp_path):
     res = json.loads(O1.read_text())
     cells, title = plot.cells_of(res)
     assert len(cells) == len(res["offload"]["cells"]) and "H100" in title
+    timed = [c["policy"] for c in res["offload"]["cells"] if c.get("timeline")]
     files = plot.plot_result(res, tmp_path)
-    assert files == [tmp_path / "policies.png"] and _png(files[0])  # that file has no timelines
+    assert files[0] == tmp_path / "policies.png" and all(map(_png, files))
+    assert [f.name for f in files[1:]] == [f"timeline_{p}_25.png" for p in timed]   # one a policy
+    for c in res["offload"]["cells"]:
+        c.pop("timeline", None)
+    assert plot.plot_result(res, tmp_path / "n") == [tmp_path / "n" / "policies.png"]
     res["offload"]["cells"][0]["timeline"] = synthetic_timeline(3, 32)
     files = plot.plot_result(res["offload"], tmp_path / "o")        # the "offload" part alone
     assert [f.name for f in files] == ["policies.png", "timeline_ondemand_25.png"] and all(map(_png, files))
