@@ -20,15 +20,7 @@ from efengine.ops import gpu_ref
 from efengine.ops.numpy_backend import NumpyBackend
 
 
-def _gpu_ok() -> bool:
-    try:
-        import cupy
-        return bool(cupy.cuda.is_available())
-    except Exception:  # noqa: BLE001 - no CuPy or no driver: skip
-        return False
-
-
-HAVE_GPU = _gpu_ok()
+from gpu_check import HAVE_GPU
 
 
 def gpu(f):

@@ -11,11 +11,7 @@ import pytest
 from efengine import quant
 from efengine.config import ModelConfig
 
-try:
-    import cupy as cp
-    HAVE_GPU = bool(cp.cuda.is_available())
-except Exception:  # noqa: BLE001
-    HAVE_GPU = False
+from gpu_check import HAVE_GPU, cp
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
 

@@ -7,11 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-try:
-    import cupy as cp
-    HAVE_GPU = bool(cp.cuda.is_available())
-except Exception:  # noqa: BLE001
-    HAVE_GPU = False
+from gpu_check import HAVE_GPU, cp
 
 from offload_helpers import HostBlobs  # noqa: E402
 

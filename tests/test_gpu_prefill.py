@@ -23,15 +23,7 @@ NB = NumpyBackend()
 TOL_MM = 1e-2        # relative RMS: fp16 x, fp16 weights and fp16 h, fp32 accumulation
 
 
-def _gpu_ok() -> bool:
-    try:
-        import cupy
-        return bool(cupy.cuda.is_available())
-    except Exception:  # noqa: BLE001 - no CuPy or no driver: skip
-        return False
-
-
-HAVE_GPU = _gpu_ok()
+from gpu_check import HAVE_GPU
 gpu = pytest.mark.gpu
 
 

@@ -13,11 +13,7 @@ from efengine.format import EfFile
 from efengine.offload import store as store_mod
 from efengine.offload.store import HostStore, ParallelCopy, open_store, plan_tier
 
-try:
-    import cupy as cp
-    HAVE_GPU = bool(cp.cuda.is_available())
-except Exception:  # noqa: BLE001
-    HAVE_GPU = False
+from gpu_check import HAVE_GPU, cp
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
 GiB = 1 << 30
 

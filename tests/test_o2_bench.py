@@ -18,11 +18,7 @@ from efengine.offload import dense_nbytes  # noqa: E402
 from efengine.offload.prefetch import ThreadEngine  # noqa: E402
 from efengine.offload_gpu_bench import BlobStore, exact_blobs  # noqa: E402
 
-try:
-    import cupy as cp
-    HAVE_GPU = bool(cp.cuda.is_available())
-except Exception:  # noqa: BLE001
-    HAVE_GPU = False
+from gpu_check import HAVE_GPU
 
 BW = 40e6            # bytes/s of the simulated copy engine: a tiny expert copy takes ~1 ms
 
