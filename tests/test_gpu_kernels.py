@@ -346,7 +346,7 @@ def test_to_f16_rows(rng):
 
 @gpu
 @pytest.mark.parametrize("case", [(1, 37, 8, 2, 64, 64, 36), (1, 300, 32, 8, 128, 128, 299), (50, 50, 8, 2, 64, 64, 0),
-                                  (20, 70, 4, 4, 48, 32, 50), (3, 9, 6, 3, 16, 16, 6)])
+                                  (20, 70, 4, 4, 48, 32, 50), (3, 9, 6, 3, 16, 16, 6), (2, 20, 4, 2, 6, 10, 10)])
 def test_attention(rng, case):
     T, S, H, G, dq, dv, pos0 = case
     q = rng.standard_normal((T, H, dq)).astype(np.float32)
@@ -355,15 +355,17 @@ def test_attention(rng, case):
     ref = NB.attention(q, k[:pos0 + T], v[:pos0 + T], pos0, dq ** -0.5)
     got = CupyBackend().attention(cp.asarray(q), cp.asarray(k[:pos0 + T]), cp.asarray(v[:pos0 + T]), pos0, dq ** -0.5)
     assert rel(ref, cp.asnumpy(got)) < TOL_F32
-    # forced key splits (the decode graph's way: in-kernel merge of partial softmaxes)
-    work = ops.AttnWork(T, H, G, dv, 5)
-    out = cp.full((T, H, dv), np.nan, dtype=cp.float32)
-    prep = ops.XPrep(T, H * dv, H * dv) if dv % 32 == 0 else None
-    ops.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(np.array([pos0], np.int32)), dq ** -0.5,
-                  out=out, work=work, S=S, prep=prep)
-    got = cp.asnumpy(out)
-    assert rel(ref, got) < TOL_F32
-    assert int(work.counters.sum()) == 0
+    # forced key splits (the decode graph's way: in-kernel merge of partial softmaxes); 40 splits:
+    # more than a warp's lanes, and splits with no visible key
+    for nsplit in (5, 40):
+        work = ops.AttnWork(T, H, G, dv, nsplit)
+        out = cp.full((T, H, dv), np.nan, dtype=cp.float32)
+        prep = ops.XPrep(T, H * dv, H * dv) if dv % 32 == 0 else None
+        ops.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(np.array([pos0], np.int32)),
+                      dq ** -0.5, out=out, work=work, S=S, prep=prep)
+        got = cp.asnumpy(out)
+        assert rel(ref, got) < TOL_F32, nsplit
+        assert int(work.counters.sum()) == 0
     if prep is not None:          # the fused xprep of the o projection's input
         xh, xs, xc = gpu_ref.prep_ref(got.reshape(T, H * dv), H * dv)
         np.testing.assert_array_equal(cp.asnumpy(prep.xh).view(np.float16), xh)

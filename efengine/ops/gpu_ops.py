@@ -21,6 +21,7 @@ from .gpu_weights import GpuWeight, PartPlace
 GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
 GEMV_RW = {1: 2, 2: 2, 4: 2, 8: 1}
 ATT_WARPS = 4
+ATT_HEAD_DIMS = (64, 128)     # attention kernels compiled for dq = dv = these (others: the generic one)
 
 
 def _f32c(a, what: str):
@@ -340,7 +341,8 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
     qw = attn_qw(T, H // G)
     tiles = cdiv(T * (H // G), qw * ATT_WARPS)
     shared = 4 * (32 * (dq + 1) + 32 * dv + qw * ATT_WARPS * dq)
-    launch("attn", f"attention_q{qw}", (tiles, G, nsplit), (32 * ATT_WARPS,),
+    fixed = f"_d{dq}" if dq == dv and dq in ATT_HEAD_DIMS else ""      # compiled for this head dim
+    launch("attn", f"attention_q{qw}{fixed}", (tiles, G, nsplit), (32 * ATT_WARPS,),
            (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(dq), i32(dv),
             pos0, f32(scale), i32(chunk), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
             ptr(work and work.counters), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
@@ -375,7 +377,7 @@ def embed(ids, W: GpuWeight, out=None):
     """out [T, D] f32 = rows ids [T] (int32 on the device) of W, dequantized."""
     T = ids.shape[0]
     out = cupy.empty((T, W.K), dtype=cupy.float32) if out is None else out
-    launch("misc", "embed_kernel", (T,), (256,),
+    launch("misc", "embed_kernel", (T, cdiv(W.K, 256)), (256,),
            (ids, i32(W.wt), W.buf, u64(W.ptr("s")), u64(W.ptr("m")), i32(W.K), i32(W.Kp),
             i32(W.group if W.quantized else 1), out))
     return out

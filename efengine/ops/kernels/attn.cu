@@ -32,12 +32,69 @@ __device__ __forceinline__ void out_row(float* out, int t, int h, int H, int dv,
     }
 }
 
-template <int ATT_QW>
+// Stage keys kt .. kt+ATT_KT-1 (zeros from kend) of group g into Ks [KT][dq + 1] and Vs [KT][dv].
+// Every thread issues a batch of independent loads before its first store: a load-store loop
+// per element waits one memory latency per element (a 200-key decode step took 35 us that way).
+// Vector form: dq, dv multiples of 4 and 16-byte aligned caches.
+#define ATT_LB 8       // 16-byte loads a thread keeps in flight
+__device__ __forceinline__ void load_tile_vec(const float* k, const float* v, float* Ks, float* Vs, int kt, int kend,
+                                              int G, int g, int dq, int dv) {
+    const int q4 = dq >> 2, v4 = dv >> 2, nk = ATT_KT * q4, n = nk + ATT_KT * v4;
+    for (int base = threadIdx.x; base < n; base += ATT_LB * blockDim.x) {
+        float4 r[ATT_LB];
+#pragma unroll
+        for (int i = 0; i < ATT_LB; ++i) {
+            const int u = base + i * blockDim.x;
+            const bool isk = u < nk;
+            const int w4 = isk ? q4 : v4, uu = isk ? u : u - nk, j = uu / w4, key = kt + j;
+            r[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (u < n && key < kend)
+                r[i] = __ldg((const float4*)((isk ? k + ((i64)key * G + g) * dq : v + ((i64)key * G + g) * dv)) + uu % w4);
+        }
+#pragma unroll
+        for (int i = 0; i < ATT_LB; ++i) {
+            const int u = base + i * blockDim.x;
+            if (u >= n) continue;
+            if (u < nk) {
+                float* d = Ks + (u / q4) * (dq + 1) + 4 * (u % q4);   // odd row stride: scalar stores
+                d[0] = r[i].x; d[1] = r[i].y; d[2] = r[i].z; d[3] = r[i].w;
+            } else {
+                ((float4*)Vs)[u - nk] = r[i];
+            }
+        }
+    }
+}
+__device__ __forceinline__ void load_tile(const float* k, const float* v, float* Ks, float* Vs, int kt, int kend,
+                                          int G, int g, int dq, int dv) {
+    const int nk = ATT_KT * dq, n = nk + ATT_KT * dv;
+    for (int base = threadIdx.x; base < n; base += ATT_LB * blockDim.x) {
+        float r[ATT_LB];
+#pragma unroll
+        for (int i = 0; i < ATT_LB; ++i) {
+            const int u = base + i * blockDim.x;
+            const bool isk = u < nk;
+            const int w = isk ? dq : dv, uu = isk ? u : u - nk, key = kt + uu / w;
+            r[i] = u < n && key < kend ? (isk ? k[((i64)key * G + g) * dq + uu % w] : v[((i64)key * G + g) * dv + uu % w])
+                                       : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < ATT_LB; ++i) {
+            const int u = base + i * blockDim.x;
+            if (u < nk) Ks[(u / dq) * (dq + 1) + u % dq] = r[i];
+            else if (u < n) Vs[u - nk] = r[i];
+        }
+    }
+}
+
+// HD > 0: dq = dv = HD known at compile time (loops unroll, no per-element predicates or integer
+// divisions: the generic body spends ~80 instructions a key a warp on them); HD = 0: any dims.
+template <int ATT_QW, int HD>
 __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v,
           float* out, int T, int H, int G, int dq, int dv, const int* pos0p, float scale, int chunk,
           float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX) {
     extern __shared__ float sm[];
     __shared__ int is_last;
+    if (HD) { dq = HD; dv = HD; }
     const int R = H / G, nw = blockDim.x >> 5, QT = ATT_QW * nw;
     const int g = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -45,11 +102,16 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
     float* Vs = Ks + ATT_KT * (dq + 1);      // [KT][dv]
     float* Qs = Vs + ATT_KT * dv;            // [QT][dq]
     const int pos0 = *pos0p;
+    const bool vec = ((dq | dv) & 3) == 0 && (((u64)k | (u64)v) & 15) == 0;
     const int nrows = T * R, qi0 = blockIdx.x * QT;
     for (int row = warp; row < QT; row += nw) {
         const int qi = qi0 + row;
         const float* src = q + (i64)(qi / R) * ldq_t + (i64)(g * R + qi % R) * ldq_h;
-        for (int col = lane; col < dq; col += 32) Qs[row * dq + col] = qi < nrows ? src[col] : 0.0f;
+        float r[ATT_DV];                               // all of a row's loads before its stores
+#pragma unroll
+        for (int c = 0; c < ATT_DV; ++c) r[c] = qi < nrows && lane + 32 * c < dq ? src[lane + 32 * c] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < ATT_DV; ++c) if (lane + 32 * c < dq) Qs[row * dq + lane + 32 * c] = r[c];
     }
     const int qlast = min(qi0 + QT, nrows) - 1;
     const int kmax = pos0 + qlast / R + 1;
@@ -63,13 +125,8 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
     }
     for (int kt = kbeg; kt < kend; kt += ATT_KT) {
         __syncthreads();
-        for (int j = warp; j < ATT_KT; j += nw) {
-            const int key = kt + j;
-            const float* ks = k + ((i64)key * G + g) * dq;
-            const float* vs = v + ((i64)key * G + g) * dv;
-            for (int col = lane; col < dq; col += 32) Ks[j * (dq + 1) + col] = key < kend ? ks[col] : 0.0f;
-            for (int col = lane; col < dv; col += 32) Vs[j * dv + col] = key < kend ? vs[col] : 0.0f;
-        }
+        if (vec) load_tile_vec(k, v, Ks, Vs, kt, kend, G, g, dq, dv);
+        else load_tile(k, v, Ks, Vs, kt, kend, G, g, dq, dv);
         __syncthreads();
 #pragma unroll
         for (int a = 0; a < ATT_QW; ++a) {
@@ -80,6 +137,13 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
             const float* kr = Ks + lane * (dq + 1);
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;   // four chains: latency, not one
             int i = 0;
+            if (HD % 4 == 0 && HD > 0) {
+#pragma unroll
+                for (; i < HD; i += 4) {
+                    const float4 qv = *(const float4*)(qr + i);          // one broadcast load
+                    s0 += qv.x * kr[i]; s1 += qv.y * kr[i + 1]; s2 += qv.z * kr[i + 2]; s3 += qv.w * kr[i + 3];
+                }
+            }
             for (; i + 3 < dq; i += 4) {
                 s0 += qr[i] * kr[i]; s1 += qr[i + 1] * kr[i + 1];
                 s2 += qr[i + 2] * kr[i + 2]; s3 += qr[i + 3] * kr[i + 3];
@@ -142,20 +206,31 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
         const int row = qi0 + warp * ATT_QW + a;
         if (row >= nrows) continue;
         const i64 idx0 = (i64)(row / R) * H + g * R + row % R;
+        // lanes read the splits' (max, sum) in parallel, 32 at a time; the sums are then added in
+        // split order as before (a split with no visible key has m = -inf, l = 0, acc = 0: f = 0)
         float M = -INFINITY;
-        for (int s = 0; s < nsplit; ++s) M = fmaxf(M, __ldcg(ws_m + s * TH + idx0));
+        for (int s0 = 0; s0 < nsplit; s0 += 32)
+            if (s0 + lane < nsplit) M = fmaxf(M, __ldcg(ws_m + (s0 + lane) * TH + idx0));
+        M = warp_max(M);
         float L = 0.0f;
         float o[ATT_DV];
 #pragma unroll
         for (int c = 0; c < ATT_DV; ++c) o[c] = 0.0f;
-        for (int s = 0; s < nsplit; ++s) {
-            const float ms = __ldcg(ws_m + s * TH + idx0);
-            if (ms == -INFINITY) continue;
-            const float f = expf(ms - M);
-            L += __ldcg(ws_l + s * TH + idx0) * f;
+        for (int s0 = 0; s0 < nsplit; s0 += 32) {
+            const int sl = s0 + lane;
+            float ms = -INFINITY, ls = 0.0f;
+            if (sl < nsplit) { ms = __ldcg(ws_m + sl * TH + idx0); ls = __ldcg(ws_l + sl * TH + idx0); }
+            const float fl = ms == -INFINITY ? 0.0f : expf(ms - M);
+            const int n = min(32, nsplit - s0);
+#pragma unroll 4
+            for (int j = 0; j < n; ++j) {
+                const float f = __shfl_sync(0xffffffffu, fl, j);
+                L += __shfl_sync(0xffffffffu, ls, j) * f;
+                const float* a = ws_acc + ((s0 + j) * TH + idx0) * dv + lane;
 #pragma unroll
-            for (int c = 0; c < ATT_DV; ++c)
-                if (lane + 32 * c < dv) o[c] += __ldcg(ws_acc + (s * TH + idx0) * dv + lane + 32 * c) * f;
+                for (int c = 0; c < ATT_DV; ++c)
+                    if (lane + 32 * c < dv) o[c] += __ldcg(a + 32 * c) * f;
+            }
         }
 #pragma unroll
         for (int c = 0; c < ATT_DV; ++c) o[c] = o[c] / L;
@@ -166,12 +241,16 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
 #define ATT_ARGS const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out, int T, int H, \
     int G, int dq, int dv, const int* pos0p, float scale, int chunk, float* ws_m, float* ws_l, float* ws_acc, \
     int* counters, u16* oxh, float* oxs, float* oxc, int OKX
-#define ATT_INST(NAME, QW) \
+#define ATT_INST(NAME, QW, HD) \
     extern "C" __global__ void __launch_bounds__(128) NAME(ATT_ARGS) { \
-        attention_body<QW>(q, ldq_t, ldq_h, k, v, out, T, H, G, dq, dv, pos0p, scale, chunk, ws_m, ws_l, ws_acc, \
+        attention_body<QW, HD>(q, ldq_t, ldq_h, k, v, out, T, H, G, dq, dv, pos0p, scale, chunk, ws_m, ws_l, ws_acc, \
                            counters, oxh, oxs, oxc, OKX); }
-ATT_INST(attention_q1, 1)
-ATT_INST(attention_q4, 4)
+ATT_INST(attention_q1, 1, 0)
+ATT_INST(attention_q4, 4, 0)
+ATT_INST(attention_q1_d64, 1, 64)
+ATT_INST(attention_q4_d64, 4, 64)
+ATT_INST(attention_q1_d128, 1, 128)
+ATT_INST(attention_q4_d128, 4, 128)
 
 // (a, b) -> (a cos - b sin, b cos + a sin) with numpy's roundings (no fused multiply-add)
 __device__ __forceinline__ void rot(float a, float b, float c, float s, float* ra, float* rb) {

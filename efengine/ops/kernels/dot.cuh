@@ -142,6 +142,7 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
         const int n8 = u1;
         for (int c0 = u0 + lane; c0 < n8; c0 += 32 * U) {
             uint4 w[U][RW][NL];
+            float4 xa[U][T], xb[U][T];         // x with the weights: one memory latency a trip
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int c = c0 + 32 * u;
@@ -150,6 +151,11 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
                     for (int r = 0; r < RW; ++r)
 #pragma unroll
                         for (int j = 0; j < NL; ++j) w[u][r][j] = ld_stream(qr[r] + (i64)c * 8 * ES + 16 * j);
+#pragma unroll
+                    for (int t = 0; t < T; ++t) {
+                        xa[u][t] = __ldg((const float4*)(x32 + (i64)t * ldx + 8 * c));
+                        xb[u][t] = __ldg((const float4*)(x32 + (i64)t * ldx + 8 * c + 4));
+                    }
                 }
             }
 #pragma unroll
@@ -161,13 +167,12 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
                     for (int r = 0; r < RW; ++r) unpack8(WT, w[u][r][0], w[u][r][NL - 1], f[r]);
 #pragma unroll
                     for (int t = 0; t < T; ++t) {
-                        const float4 xa = __ldg((const float4*)(x32 + (i64)t * ldx + 8 * c));
-                        const float4 xb = __ldg((const float4*)(x32 + (i64)t * ldx + 8 * c + 4));
+                        const float4 a = xa[u][t], b = xb[u][t];
 #pragma unroll
                         for (int r = 0; r < RW; ++r) {
                             float s = acc[r][t];
-                            s += f[r][0] * xa.x; s += f[r][1] * xa.y; s += f[r][2] * xa.z; s += f[r][3] * xa.w;
-                            s += f[r][4] * xb.x; s += f[r][5] * xb.y; s += f[r][6] * xb.z; s += f[r][7] * xb.w;
+                            s += f[r][0] * a.x; s += f[r][1] * a.y; s += f[r][2] * a.z; s += f[r][3] * a.w;
+                            s += f[r][4] * b.x; s += f[r][5] * b.y; s += f[r][6] * b.z; s += f[r][7] * b.w;
                             acc[r][t] = s;
                         }
                     }

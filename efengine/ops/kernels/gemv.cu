@@ -27,6 +27,7 @@ __device__ __forceinline__ float updated(const float* hr, int k, int K, int r, c
 //  2. RMSNorm (nw): x32[r] = nw * (h * (1 / sqrt(mean(h^2) + eps))); every block sums the whole
 //     row itself (it is small and in L2), so no grid-wide synchronization is needed
 //  3. xprep (xh) of the normed (or plain) row: xh [R, KX], xs / xc [R, KX/32]
+#define RP_N 32      // row values a rows_prep thread holds (K <= 32 * blockDim; longer rows loop)
 extern "C" __global__ void __launch_bounds__(256)
 rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int A, const float* add2,
           const float* add2_gate, const float* nw, float eps, float* x32, u16* xh, float* xs, float* xc, int KX) {
@@ -36,21 +37,66 @@ rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int 
     const bool gated = add2_gate != nullptr;
     const float gsc = gated ? sigmoid1(add2_gate[r]) : 1.0f;
     float inv = 1.0f;
-    if (nw) {
+    const int c = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int k = (c << 5) + lane;              // = blockIdx.y * blockDim.x + threadIdx.x
+    float own = 0.0f;
+    const bool held = nw && K <= RP_N * (int)blockDim.x;
+    if (held) {
+        // the thread's values k = tid + i * blockDim (the order of the loop below), each operand a
+        // batch of independent loads: A + 2 memory latencies, not one a value
+        const int nb = blockDim.x;
+        float hv[RP_N];
+#pragma unroll
+        for (int i = 0; i < RP_N; ++i) {
+            const int kk = threadIdx.x + i * nb;
+            hv[i] = kk < K ? hr[kk] : 0.0f;
+        }
+        if (ybuf || add2) {
+            float acc[RP_N];
+#pragma unroll
+            for (int i = 0; i < RP_N; ++i) acc[i] = 0.0f;
+            for (int a = 0; ybuf && a < A; ++a) {
+                const float* yb = ybuf + ((i64)r * A + a) * K;
+#pragma unroll
+                for (int i = 0; i < RP_N; ++i) {
+                    const int kk = threadIdx.x + i * nb;
+                    const float y = kk < K ? yb[kk] : 0.0f;
+                    acc[i] = a == 0 ? y : acc[i] + y;
+                }
+            }
+            if (add2) {
+#pragma unroll
+                for (int i = 0; i < RP_N; ++i) {
+                    const int kk = threadIdx.x + i * nb;
+                    const float a2 = kk < K ? add2[(i64)r * K + kk] : 0.0f;
+                    const float s2 = gated ? gsc * a2 : a2;
+                    acc[i] = ybuf ? acc[i] + s2 : s2;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < RP_N; ++i) hv[i] = hv[i] + acc[i];
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < RP_N; ++i) {
+            if (threadIdx.x + i * nb < K) ss += hv[i] * hv[i];
+            if (i == (int)blockIdx.y) own = hv[i];
+        }
+        ss = block_sum(ss, red);
+        inv = 1.0f / sqrtf(ss / (float)K + eps);
+    } else if (nw) {
         float ss = 0.0f;
 #pragma unroll 4
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
-            const float v = updated(hr, k, K, r, ybuf, A, add2, gated, gsc);
+        for (int kk = threadIdx.x; kk < K; kk += blockDim.x) {
+            const float v = updated(hr, kk, K, r, ybuf, A, add2, gated, gsc);
             ss += v * v;
         }
         ss = block_sum(ss, red);
         inv = 1.0f / sqrtf(ss / (float)K + eps);
     }
-    const int c = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    const int k = (c << 5) + lane;
     float v = 0.0f;
     if (k < K) {
-        v = updated(hr, k, K, r, ybuf, A, add2, gated, gsc);
+        v = held ? own : updated(hr, k, K, r, ybuf, A, add2, gated, gsc);
         if (ybuf || add2) hout[(i64)r * ldh + k] = v;
         if (nw) {
             v = nw[k] * (v * inv);

@@ -4,9 +4,9 @@
 // out[t, :] = row ids[t] of W [V, D] (any stored type), dequantized as quant.py does
 extern "C" __global__ void embed_kernel(const int* ids, int wt, const u8* q, const u16* s, const u16* m,
                                         int D, int Kp, int group, float* out) {
-    const int t = blockIdx.x;
+    const int t = blockIdx.x;                  // blocks (t, y) share a row: one value a thread
     const i64 id = ids[t];
-    for (int k = threadIdx.x; k < D; k += blockDim.x)
+    for (int k = blockIdx.y * blockDim.x + threadIdx.x; k < D; k += gridDim.y * blockDim.x)
         out[(i64)t * D + k] = deq_elem(wt, q, s, m, id, k, D, Kp, group);
 }
 
