@@ -336,7 +336,6 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
     nsplit = work.nsplit if work is not None else attn_splits(T, H, G, S)
     if work is None and nsplit > 1:
         work = AttnWork(T, H, G, dv, nsplit)
-    chunk = cdiv(cdiv(S, nsplit), 32) * 32
     out = cupy.empty((T, H, dv), dtype=cupy.float32) if out is None else out
     qw = attn_qw(T, H // G)
     tiles = cdiv(T * (H // G), qw * ATT_WARPS)
@@ -344,7 +343,7 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
     fixed = f"_d{dq}" if dq == dv and dq in ATT_HEAD_DIMS else ""      # compiled for this head dim
     launch("attn", f"attention_q{qw}{fixed}", (tiles, G, nsplit), (32 * ATT_WARPS,),
            (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(dq), i32(dv),
-            pos0, f32(scale), i32(chunk), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
+            pos0, f32(scale), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
             ptr(work and work.counters), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
             i32(0 if prep is None else prep.KX)), shared=shared)
     return out

@@ -5,9 +5,9 @@
 #define ATT_DV 8       // value dims per lane: dv <= 256
 
 // Query rows of kv group g = blockIdx.y are the pairs (t, r), row = t * R + r, head h = g * R + r;
-// a block takes ATT_QW * warps rows (blockIdx.x) and the keys [split * chunk, +chunk)
-// (blockIdx.z). Online softmax over 32-key tiles. With one split the block writes out
-// [T, H, dv]; with more, each block writes its partial (max, sum, acc) to ws_* and the last block
+// a block takes ATT_QW * warps rows (blockIdx.x) and the keys [split * chunk, +chunk) of those
+// its rows see (split = blockIdx.z). Online softmax over 32-key tiles. With one split the block
+// writes out [T, H, dv]; with more, each block writes its partial (max, sum, acc) to ws_* and the last block
 // of a (tile, group) to finish (atomic counter, reset for the next launch) merges them, so any
 // number of splits stays one launch. pos0 (position of token 0) is read from device memory so a
 // captured graph replays at every position. Query t sees keys 0 .. pos0 + t. ATT_QW query rows
@@ -90,7 +90,7 @@ __device__ __forceinline__ void load_tile(const float* k, const float* v, float*
 // divisions: the generic body spends ~80 instructions a key a warp on them); HD = 0: any dims.
 template <int ATT_QW, int HD>
 __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v,
-          float* out, int T, int H, int G, int dq, int dv, const int* pos0p, float scale, int chunk,
+          float* out, int T, int H, int G, int dq, int dv, const int* pos0p, float scale,
           float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX) {
     extern __shared__ float sm[];
     __shared__ int is_last;
@@ -115,6 +115,9 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
     }
     const int qlast = min(qi0 + QT, nrows) - 1;
     const int kmax = pos0 + qlast / R + 1;
+    // the visible keys (not the cache's size) are cut into the splits: a short context still
+    // spreads over every split's block, one 32-key tile each
+    const int chunk = ((kmax + nsplit - 1) / nsplit + ATT_KT - 1) / ATT_KT * ATT_KT;
     const int kbeg = split * chunk, kend = min(kbeg + chunk, kmax);
     float m_[ATT_QW], l_[ATT_QW], acc[ATT_QW][ATT_DV];
 #pragma unroll
@@ -239,11 +242,11 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
 }
 
 #define ATT_ARGS const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out, int T, int H, \
-    int G, int dq, int dv, const int* pos0p, float scale, int chunk, float* ws_m, float* ws_l, float* ws_acc, \
+    int G, int dq, int dv, const int* pos0p, float scale, float* ws_m, float* ws_l, float* ws_acc, \
     int* counters, u16* oxh, float* oxs, float* oxc, int OKX
 #define ATT_INST(NAME, QW, HD) \
     extern "C" __global__ void __launch_bounds__(128) NAME(ATT_ARGS) { \
-        attention_body<QW, HD>(q, ldq_t, ldq_h, k, v, out, T, H, G, dq, dv, pos0p, scale, chunk, ws_m, ws_l, ws_acc, \
+        attention_body<QW, HD>(q, ldq_t, ldq_h, k, v, out, T, H, G, dq, dv, pos0p, scale, ws_m, ws_l, ws_acc, \
                            counters, oxh, oxs, oxc, OKX); }
 ATT_INST(attention_q1, 1, 0)
 ATT_INST(attention_q4, 4, 0)

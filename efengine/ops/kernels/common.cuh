@@ -65,6 +65,11 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 }
 __device__ __forceinline__ uint4 ld_nc4(const void* p) { return __ldg((const uint4*)p); }
 
+// Release / acquire fence at GPU scope: enough to publish values before a counter increment and to
+// read them after observing it (the last-arriver pattern); __threadfence() is a sequentially
+// consistent fence, a stronger and slower barrier than these hand-offs need.
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -433,13 +433,13 @@ struct GateUpF {
         if (hxh == nullptr) return;
         const int ch = i0 >> 5, nch = (I + 31) >> 5;
         const int in_chunk = min(32, I - 32 * ch), tasks_in_chunk = (in_chunk + 1) / 2;
-        __threadfence();
+        fence_acq_rel();
         int prev = 0;
         if (lane == 0) prev = atomicAdd(cnt + (i64)p * nch + ch, 1);
         prev = __shfl_sync(0xffffffffu, prev, 0);
         if (prev != tasks_in_chunk - 1) return;
         if (lane == 0) cnt[(i64)p * nch + ch] = 0;
-        __threadfence();
+        fence_acq_rel();
         const float v = lane < in_chunk ? __ldcg(hout + (i64)p * ldh + 32 * ch + lane) : 0.0f;
         prep_chunk(v, hxh + (i64)p * HKX, ch, HKX >> 5, hxs + (i64)p * (HKX >> 5) + ch, hxc + (i64)p * (HKX >> 5) + ch);
     }
