@@ -96,13 +96,20 @@ class TraceRouter:
     def __init__(self, trace: Trace, backend, moe_layers):
         self.trace, self.backend, self.t = trace, backend, 0
         self.index = {l: i for i, l in enumerate(moe_layers)}
+        # [N, L, A] in the returned types once: a decode step's lookup is then two views. The
+        # graph path calls this between the router's read-back and the demand copies, so its
+        # cost is on the critical path of every MoE layer (it is the harness, not the engine).
+        self.ids = np.ascontiguousarray(trace.experts, dtype=np.int32)
+        self.probs = np.ascontiguousarray(trace.probs, dtype=np.float32)
 
     def __call__(self, layer, logits, ids, weights):
         i, T = self.index[layer], int(ids.shape[0])
-        rows = (self.t + np.arange(T)) % self.trace.n_tokens
         b = self.backend
-        return (b.asarray(np.ascontiguousarray(self.trace.experts[rows, i], dtype=np.int32)),
-                b.asarray(np.ascontiguousarray(self.trace.probs[rows, i], dtype=np.float32)))
+        if T == 1:
+            r = self.t % self.trace.n_tokens
+            return b.asarray(self.ids[r:r + 1, i]), b.asarray(self.probs[r:r + 1, i])
+        rows = (self.t + np.arange(T)) % self.trace.n_tokens
+        return b.asarray(self.ids[rows, i]), b.asarray(self.probs[rows, i])
 
 
 class BlobStore(HostStore):
