@@ -57,7 +57,8 @@ def test_predictor_fast_path_invariants():
     # the reuse head's masked weights stay exactly +0.0, so W needs no mask multiply
     assert (p.W[0, :, 7:9] == 0).all() and not np.signbit(p.W[0, :, 7:9]).any()
     assert (p.W[1, :, 7:9] != 0).any()                  # the route head did learn co-activation
-    # the forward pass predict() fused for the next layer equals a fresh one
+    # the forward pass predict() fused for the next layer (from the logits of every layer) equals a
+    # fresh one from that layer's features alone
     p.begin_step()
     p.observe(0, routing[0, 0])
     p.predict(0)
@@ -66,7 +67,10 @@ def test_predictor_fast_path_invariants():
     p._prep = None
     p.prepare(1)
     fresh = p._prep
-    assert np.array_equal(fused[2], fresh[2]) and np.array_equal(fused[5], fresh[5])
+    assert fused[:2] == fresh[:2]
+    np.testing.assert_allclose(fused[2], fresh[2], rtol=1e-13, atol=0)
+    # co-activation features of the pending predictions reach the learning step
+    assert p.co_pend[1, 0, :, 1].all() and p.pend_ok[1].all()
 
 
 def test_recall_counting_is_batched_but_exact():
@@ -78,14 +82,14 @@ def test_recall_counting_is_batched_but_exact():
     total = np.zeros(L + 1)
     orig = p._learn
 
-    def learn(layer, y):                 # count the recall by hand from the prepared predictions
-        p.prepare(layer)
-        _, _, ok, _, _, P = p._prep
-        for j, o in enumerate(ok):
-            top = np.argsort(-P[1, j], kind="stable")[:A]
+    def learn(t, y, xb):                 # count the recall by hand from the pending predictions
+        prep = p._prep
+        P = prep[2] if prep is not None and prep[:2] == (t, p.version) else p._pending_probs(t, xb)
+        for o in np.flatnonzero(p.pend_ok[t]):
+            top = np.argsort(-P[1, o], kind="stable")[:A]
             hits[o + 1] += y[top].sum()
             total[o + 1] += min(A, y.sum())
-        orig(layer, y)
+        orig(t, y, xb)
     p._learn = learn
     _feed(p, routing)
     acc = p.accuracy_by_distance()

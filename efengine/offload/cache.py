@@ -187,21 +187,27 @@ class ExpertCache:
     def access(self, layer: int, experts) -> tuple[int, int]:
         """A routed use of `experts` of `layer`: tells the policy; returns (hits, misses) where a hit
         is an expert already present (ready or in flight)."""
-        experts = np.unique(np.asarray(experts, dtype=np.int64))
-        self.eviction.on_access(layer, experts)
-        ids = layer * self.E + experts
-        present = self.state[ids] != FREE
-        self.prefetched[ids] = False
-        return int(present.sum()), int((~present).sum())
+        keys = sorted(set(np.asarray(experts, dtype=np.int64).reshape(-1).tolist()))
+        self.eviction.on_access(layer, np.asarray(keys, dtype=np.int64))
+        base, state, pre = layer * self.E, self.state, self.prefetched
+        hits = 0
+        for e in keys:            # a few experts: Python indexing beats numpy calls on tiny arrays
+            hits += state[base + e] != FREE
+            pre[base + e] = False
+        return int(hits), len(keys) - int(hits)
 
     def pin(self, layer: int, experts) -> None:
-        self.pinned[layer * self.E + np.asarray(experts, dtype=np.int64)] = True
+        base, pinned = layer * self.E, self.pinned
+        for e in experts:
+            pinned[base + e] = True
 
     def unpin(self, layer: int | None = None, experts=None) -> None:
         if layer is None:
             self.pinned[:] = False
         else:
-            self.pinned[layer * self.E + np.asarray(experts, dtype=np.int64)] = False
+            base, pinned = layer * self.E, self.pinned
+            for e in experts:
+                pinned[base + e] = False
 
     def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
         """bool [L*E]: ready, not pinned, not in `protect`."""

@@ -54,8 +54,10 @@ class ExpertflowEviction(Eviction):
         self._P = np.full((n_layers, n_experts), 0.5)         # route head: what to protect
         self._R = self._P                                      # reuse head: eviction ranking
         self._d = np.full(n_layers, n_layers)
+        self._c: int | None = None     # the layer d is the distance row of (None: d was set directly)
+        self._rows: dict = {}          # (c, S) -> layers within S of c (ascending)
         self._T = None                 # next_use() of the current R, d (None: not computed yet)
-        self._prot: tuple | None = None   # (S, predicted(S)) of the current P, d
+        self._prot: tuple | None = None   # (S, predicted(S), its complement) of the current P, d
 
     # P, R, d are re-predicted on first use after an access: a layer whose experts are all resident
     # needs no victim, so its prediction waits for the planning after the next launch (same values).
@@ -92,7 +94,7 @@ class ExpertflowEviction(Eviction):
 
     @d.setter
     def d(self, v) -> None:
-        self._d, self._T, self._prot = v, None, None
+        self._d, self._c, self._T, self._prot = v, None, None, None
 
     @property
     def S(self) -> int:
@@ -113,7 +115,7 @@ class ExpertflowEviction(Eviction):
         self._due = None
         self._P = self.predictor.predict(layer, pregate)
         self._R = self.predictor.P_reuse
-        self._d = self.predictor.distance_row(layer)
+        self._d, self._c = self.predictor.distance_row(layer), layer
         self._T = self._prot = None
         return self._P
 
@@ -125,9 +127,11 @@ class ExpertflowEviction(Eviction):
         """T [L*E]: expected layer-steps to each expert's next use (read-only; one per refresh)."""
         if self._due is not None:
             self.refresh(self._due)
-        if self._T is None:
-            p = np.clip(self._R, self.p_min, 1.0)
-            self._T = (self.alpha * self._d[:, None] + self.L * (1.0 / p - 1.0)).reshape(-1)
+        if self._T is None:      # L * (1/p - 1) + alpha * d, p <= 1 already (a probability)
+            T = np.maximum(self._R, self.p_min)
+            np.divide(self.L, T, out=T)
+            T += (self.alpha * self._d - self.L)[:, None]
+            self._T = T.reshape(-1)
         return self._T
 
     def predicted(self, horizon: int | None = None) -> np.ndarray:
@@ -140,12 +144,23 @@ class ExpertflowEviction(Eviction):
             self._prot = (S, m, ~m)
         return self._prot[1]
 
+    def within(self, S: int) -> np.ndarray:
+        """Layers whose next execution is at most S layer-steps away (ascending; memoized by layer)."""
+        if self._due is not None:
+            self.refresh(self._due)
+        if self._c is None:
+            return np.flatnonzero(self._d <= S)
+        rows = self._rows.get((self._c, S))
+        if rows is None:
+            rows = self._rows[self._c, S] = np.flatnonzero(self._d <= S)
+        return rows
+
     def _predicted(self, S: int) -> np.ndarray:
-        A = self.predictor.A
-        rows = np.flatnonzero(self._d <= S)         # only layers inside the horizon (row-wise top-A)
-        m = np.zeros((self.L, self.E), dtype=bool)
-        m[rows[:, None], np.argpartition(-self._P[rows], A - 1, axis=1)[:, :A]] = True
-        return m.reshape(-1)
+        A, E = self.predictor.A, self.E
+        rows = self.within(S)                       # only layers inside the horizon (row-wise top-A)
+        m = np.zeros(self.L * E, dtype=bool)
+        m[(rows * E)[:, None] + np.argpartition(-self._P[rows], A - 1, axis=1)[:, :A]] = True
+        return m
 
     def victim(self, candidates, resident, layer):
         if self.protect:

@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import ConfigError, EfError
 from ..experts import ExpertProvider
 from .bias import RouteBias, check_margin
-from .cache import FREE, LRU, ExpertCache
+from .cache import FREE, LRU, READY, ExpertCache
 from .horizon import Horizon
 from .policy import make_policy
 from .predict import pregate_probs, pregate_topk
@@ -166,20 +166,22 @@ class OffloadRuntime(ExpertProvider):
         if i is None:
             raise EfError(f"offload runtime: layer {layer} has no routed experts")
         self._time_layer()
-        keys = [int(e) for e in np.unique(np.asarray(ids))]
-        cache, pf = self.cache, self.prefetcher
+        keys = _keys(ids)
+        cache, pf, base = self.cache, self.prefetcher, i * self.cache.E
         self._score_pregate(i, keys)
-        pf.poll()
-        flat = i * cache.E + np.asarray(keys)
-        self.stats.prefetch_used += int(cache.prefetched[flat].sum())
-        ready = [e for e in keys if cache.is_ready(i, e)]
-        late = [e for e in keys if pf.in_flight(i, e)]
-        missing = [e for e in keys if not cache.is_present(i, e)]
+        if pf.inflight or pf.timing:
+            pf.poll()
+        # per-expert Python on a handful of ids: cheaper than numpy calls on arrays this small
+        state, pre = cache.state, cache.prefetched
+        self.stats.prefetch_used += sum(1 for e in keys if pre[base + e])
+        ready = [e for e in keys if state[base + e] == READY]
+        late = [e for e in keys if base + e in pf.inflight]
+        missing = [e for e in keys if state[base + e] == FREE]
         self.stats.hits += len(ready)
         self.stats.late += len(late)
         self.stats.misses += len(missing)
         self.horizon.observe_misses(len(missing))
-        self._late_predicted += len(late) + sum(1 for e in missing if i * cache.E + e in pf.requests)
+        self._late_predicted += len(late) + sum(1 for e in missing if base + e in pf.requests)
         cache.access(i, keys)
         cache.pin(i, keys)
         waiting, deferred = list(late), []
@@ -220,7 +222,7 @@ class OffloadRuntime(ExpertProvider):
         if i is None:
             raise EfError(f"offload runtime: layer {layer} has no routed experts")
         cache, pf, base = self.cache, self.prefetcher, i * self.cache.E
-        keys = sorted(set(np.asarray(ids).reshape(-1).tolist()))
+        keys = _keys(ids)
         self.first_issue_t = None
         if pf.inflight:
             pf.poll()
@@ -261,8 +263,8 @@ class OffloadRuntime(ExpertProvider):
         """Stats, horizon and policy updates of one layer's access (demand's bookkeeping)."""
         self._time_layer()
         self._score_pregate(i, keys)
-        cache, s = self.cache, self.stats
-        s.prefetch_used += int(cache.prefetched[i * cache.E + np.asarray(keys)].sum())
+        cache, s, base = self.cache, self.stats, i * self.cache.E
+        s.prefetch_used += sum(1 for e in keys if cache.prefetched[base + e])
         s.misses += len(missing)
         s.late += len(late)
         s.hits += len(keys) - len(missing) - len(late)
@@ -388,16 +390,20 @@ class OffloadRuntime(ExpertProvider):
                         self._predicted_next(l2, lg)
             ev.refresh(i, pg)
         P, d = ev.P, ev.d
-        absent = ~self.cache.resident.reshape(st.L, st.E)
-        within = d <= S
-        self.horizon.set_expected(float((P * absent)[within].sum()) / max(int(within.sum()), 1))
+        absent = self.cache.state == FREE                 # [L*E]
+        rows = ev.within(S)
+        self.horizon.set_expected(float((P[rows] * absent.reshape(st.L, st.E)[rows]).sum()) / max(rows.size, 1))
         protect = ev.predicted(S)
-        want = protect.reshape(st.L, st.E) & absent & (P >= self._p_admit())
-        for l2, e in np.argwhere(want):
-            self.prefetcher.request(int(l2), int(e), self.tick + int(d[l2]) - 1, -float(P[l2, e]))
-        T = ev.next_use()
-        self.prefetcher.pump(self.tick, protect=protect, worth=lambda f, v: v < 0 or T[f] < T[v],
-                             max_backlog=self._backlog_bytes())
+        want = protect & absent
+        want &= P.reshape(-1) >= self._p_admit()
+        pf, E = self.prefetcher, st.E
+        for f in np.flatnonzero(want).tolist():
+            l2, e = divmod(f, E)
+            pf.request(l2, e, self.tick + int(d[l2]) - 1, -float(P[l2, e]))
+        if pf.requests:
+            T = ev.next_use()
+            pf.pump(self.tick, protect=protect, worth=lambda f, v: v < 0 or T[f] < T[v],
+                    max_backlog=self._backlog_bytes())
         # still off the critical path (the device runs the segment queued before end_layer): the
         # predictor's forward pass for the next layer, so its begin_layer only applies the update
         self.policy.predictor.prepare((i + 1) % st.L)
@@ -432,6 +438,11 @@ class OffloadRuntime(ExpertProvider):
             out["pregate_recall_next"] = round(self.pg_hits / self.pg_total, 4)
             out["pregate_scored"] = self.pg_total
         return out
+
+
+def _keys(ids) -> list[int]:
+    """The distinct expert ids of a routing (any shape), ascending, as Python ints."""
+    return sorted(set(np.asarray(ids).reshape(-1).tolist()))
 
 
 def _backend(name: str):
