@@ -80,6 +80,13 @@ __device__ __forceinline__ void unpack8(int wt, const uint4 a, const uint4 b, fl
     }
 }
 
+// s + f . (a, b), the eight products added one by one in k order (float weight rows)
+__device__ __forceinline__ float add8(float s, const float (&f)[8], const float4 a, const float4 b) {
+    s += f[0] * a.x; s += f[1] * a.y; s += f[2] * a.z; s += f[3] * a.w;
+    s += f[4] * b.x; s += f[5] * b.y; s += f[6] * b.z; s += f[7] * b.w;
+    return s;
+}
+
 // units of a row for dot_rows' ranges: 32-code chunks (quantized), 8 values (float, K % 8 == 0)
 // or single values
 __device__ __forceinline__ int row_units(int wt, int K, int Kp) {
@@ -169,12 +176,7 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
                     for (int t = 0; t < T; ++t) {
                         const float4 a = xa[u][t], b = xb[u][t];
 #pragma unroll
-                        for (int r = 0; r < RW; ++r) {
-                            float s = acc[r][t];
-                            s += f[r][0] * a.x; s += f[r][1] * a.y; s += f[r][2] * a.z; s += f[r][3] * a.w;
-                            s += f[r][4] * b.x; s += f[r][5] * b.y; s += f[r][6] * b.z; s += f[r][7] * b.w;
-                            acc[r][t] = s;
-                        }
+                        for (int r = 0; r < RW; ++r) acc[r][t] = add8(acc[r][t], f[r], a, b);
                     }
                 }
             }

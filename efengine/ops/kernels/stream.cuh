@@ -103,12 +103,7 @@ __device__ __forceinline__ void stream_compute(const uint4 (&w)[U][RW][WTraits<W
                 const float4 xa = __ldg((const float4*)(r.x32 + (i64)t * ldx + 8 * c));
                 const float4 xb = __ldg((const float4*)(r.x32 + (i64)t * ldx + 8 * c + 4));
 #pragma unroll
-                for (int i = 0; i < RW; ++i) {
-                    float s = acc[i][t];
-                    s += f[i][0] * xa.x; s += f[i][1] * xa.y; s += f[i][2] * xa.z; s += f[i][3] * xa.w;
-                    s += f[i][4] * xb.x; s += f[i][5] * xb.y; s += f[i][6] * xb.z; s += f[i][7] * xb.w;
-                    acc[i][t] = s;
-                }
+                for (int i = 0; i < RW; ++i) acc[i][t] = add8(acc[i][t], f[i], xa, xb);
             }
         }
     }
