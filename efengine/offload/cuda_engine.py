@@ -4,6 +4,8 @@ Host blobs (views of the mapped .ef, or the RAM tier) are staged into a ring of 
 then copied with cudaMemcpyAsync on the copy stream into the pool slot; the load's event is
 recorded after it. The compute stream never blocks the host: `wait()` makes it wait on the event
 and brackets the wait with two timing events, whose elapsed time is the stall (`drain_stall()`).
+With a pool host map (run-ahead decode) each copy is followed on the copy stream by `publish`,
+which writes the slot into the map once the bytes have landed (kernels/offload.cu).
 `fence(slot)` records the compute stream's progress after the model used a slot; the next copy
 into that slot waits for it, so a copy never overwrites weights a queued kernel still reads.
 
@@ -44,6 +46,10 @@ class _CudaEvent:
         self.end.synchronize()
         import cupy
         return cupy.cuda.get_elapsed_time(self.start, self.end) / 1e3
+
+    def sync(self) -> None:
+        """The host waits for the copy (run-ahead decode: the device has its own waits)."""
+        self.end.synchronize()
 
     def wait(self) -> float:
         import cupy
@@ -162,7 +168,8 @@ class CudaEngine:
         self.staged_copies += 1
         return k, self.staging[k]
 
-    def submit(self, nbytes: int, fn, *, slot: int, blob, pool, **job) -> _CudaEvent:
+    def submit(self, nbytes: int, fn, *, slot: int, blob, pool, key=None, **job) -> _CudaEvent:
+        """Queue blob -> slot; key (model layer, expert) names it in the pool's host map, if any."""
         cp = self.cupy
         start, end = cp.cuda.Event(), cp.cuda.Event()
         fence = self.fences.pop(slot, None)
@@ -184,6 +191,10 @@ class CudaEngine:
             start.record(self.stream)
             cp.cuda.runtime.memcpyAsync(_slot_ptr(pool, slot), buf.ctypes.data, blob.size, 1, self.stream.ptr)
             self.staged[k] = end
+        hm = getattr(pool, "host_map", None)
+        if hm is not None and key is not None:       # run-ahead: the device learns it has landed
+            from ..ops.gpu_ops import publish
+            publish(pool.host_map_addr(*key), slot, self.stream)
         end.record(self.stream)
         return _CudaEvent(self, nbytes, start, end)
 

@@ -206,7 +206,7 @@ class Prefetcher:
         blob = self.store.blob(i, e)
         nbytes = self.store.blob_nbytes
         ev = self.engine.submit(nbytes, lambda: self.pool.put(slot, blob) if blob is not None else None,
-                                slot=slot, blob=blob, pool=self.pool)
+                                slot=slot, blob=blob, pool=self.pool, key=(self.store.layers[i], e))
         self.cache.set_event(i, e, ev)
         self.inflight[i * self.cache.E + e] = (ev, prefetch)
         self.requests.pop(i * self.cache.E + e, None)
@@ -251,9 +251,15 @@ class Prefetcher:
         self._finish(f)
         return stall
 
-    def wait_any(self) -> float:
-        """Wait for the oldest copy in flight (to free a slot); returns the stall."""
+    def wait_any(self, host: bool = False) -> float:
+        """Wait for the oldest copy in flight (to free a slot); returns the stall. host=True: the
+        host waits for it (an engine's `sync`), not the compute stream (run-ahead decode)."""
         f = next(iter(self.inflight))
+        if host:
+            ev, _ = self.inflight[f]
+            getattr(ev, "sync", ev.wait)()
+            self._finish(f)
+            return 0.0
         return self.wait(*divmod(f, self.cache.E))
 
     def in_flight(self, i: int, e: int) -> bool:

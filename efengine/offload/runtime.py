@@ -212,12 +212,12 @@ class OffloadRuntime(ExpertProvider):
             yield e, self.pool.handle(layer, e)
             self._used(i, e)
 
-    def demand(self, layer: int, ids) -> list[int]:
+    def demand(self, layer: int, ids, wait: bool = True) -> list[int]:
         """begin_layer for a segment launched after this returns (OffloadDecodeGraph): nothing is
         yielded. The misses' copies are issued first (LRU: before the access is even counted), then
-        the compute stream is made to wait on the copies in flight (no host wait), then the stats
-        and policy updates. Returns the slots the segment will read: pinned until end_layer; fence
-        them (engine.fence) once the segment is launched."""
+        the compute stream waits on the copies in flight (wait=False, run-ahead decode: the device
+        waits by itself), then the stats and policy updates. Returns the slots the segment will
+        read: pinned until end_layer; fence them (engine.fence) once the segment is launched."""
         i = self.store.index.get(layer)
         if i is None:
             raise EfError(f"offload runtime: layer {layer} has no routed experts")
@@ -241,9 +241,9 @@ class OffloadRuntime(ExpertProvider):
         while deferred:          # every slot pinned or loading: free one as a copy lands
             if not pf.inflight:
                 raise EfError(f"offload runtime: no slot can be freed for layer {layer}")
-            self.stats.stall_s += pf.wait_any()
+            self.stats.stall_s += pf.wait_any(host=not wait)
             deferred = self._issue(i, deferred)
-        for e in keys:
+        for e in keys if wait else ():
             if not cache.is_ready(i, e):
                 self._wait(i, e)
         return [int(cache.slot_of[base + e]) for e in keys]

@@ -25,6 +25,7 @@ MODULES = {
     "gemv": ("common.cuh", "dot.cuh", "stream.cuh", "gemv.cu"),
     "attn": ("common.cuh", "attn.cu"),
     "misc": ("common.cuh", "misc.cu"),
+    "offload": ("offload.cu",),
 }
 OPTIONS = ("--std=c++17",)
 _modules: dict[str, object] = {}

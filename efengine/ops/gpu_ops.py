@@ -385,3 +385,45 @@ def embed(ids, W: GpuWeight, out=None):
 def argmax_advance(logits, V: int, tok, pos, hist=None) -> None:
     """tok = argmax(logits [V]); hist[pos] = tok; pos += 1 (all device int32)."""
     launch("misc", "argmax_advance", (1,), (1024,), (logits, i32(V), tok, pos, ptr(hist)))
+
+
+def expert_gate(ids, rw, forced, mtab: int, dtab: int, log: int, pos, stall: int, err, A: int,
+                timeout_s: float = 10.0) -> None:
+    """Run-ahead residency check of one MoE layer (kernels/offload.cu): ids [A] (and rw [A]) from
+    the router, or `forced` (ids [A] int32, weights [A] f32 on the device) replacing them; mtab /
+    log / stall are host-mapped addresses (page-locked memory) of the layer's map row [E] int32,
+    its log row [A + 1] int32 and the stall counter (u64 ns); dtab the device table row [E]."""
+    if A > 32:
+        raise ConfigError(f"expert_gate: at most 32 active experts, got {A}")
+    fi, fw = forced if forced is not None else (None, None)
+    launch("offload", "expert_gate", (1,), (32,),
+           (ids, rw, ptr(fi), ptr(fw), u64(mtab), u64(dtab), u64(log), pos, u64(stall), err, i32(A),
+            i64(int(timeout_s * 1e9))))
+
+
+_scratch = []
+
+
+def load_offload_kernels() -> None:
+    """Load expert_gate and publish now (one launch each, on a scratch word). CUDA loads kernels
+    lazily, and loading may wait for running kernels: a publish loaded for the first time while a
+    gate spins waiting for it would never run."""
+    import cupyx
+    if not _scratch:
+        w = cupyx.empty_pinned((4,), dtype=np.int32)
+        w[...] = [0, 0, 0, 7]
+        ids, rw = cupy.zeros(1, dtype=cupy.int32), cupy.zeros(1, dtype=cupy.float32)
+        dtab, pos, err = cupy.zeros(1, dtype=cupy.int32), cupy.zeros(1, dtype=cupy.int32), cupy.zeros(1, dtype=cupy.int32)
+        stall = cupyx.empty_pinned((1,), dtype=np.uint64)
+        s = cupy.cuda.Stream(non_blocking=True)
+        publish(w.ctypes.data, 0, s)
+        with s:
+            expert_gate(ids, rw, None, w.ctypes.data, addr(dtab), w.ctypes.data + 4, pos, stall.ctypes.data, err, 1)
+        s.synchronize()
+        _scratch.append(w)
+
+
+def publish(dst: int, value: int, stream) -> None:
+    """*dst (int32, host-mapped) = value once the work queued before it on `stream` is done."""
+    with stream:
+        launch("offload", "publish", (1,), (1,), (u64(dst), i32(value)))

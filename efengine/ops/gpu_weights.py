@@ -171,6 +171,11 @@ class ExpertPool:
     `table` is what the MoE kernels read; `owner` mirrors it on the host (slot -> (layer, e)).
     Writers (an offload runtime) put a blob in a slot with `put` (or copy into `slot_array(i)`
     themselves on a copy stream) and then `assign` it.
+
+    Run-ahead decode (ops/gpu_runahead.py, kernels/offload.cu) adds `host_map` (map_to_host): the
+    same [L, E] map in page-locked host memory, which the device polls. There `unassign` clears an
+    evicted expert's entry at once (before its slot can be overwritten), the copy engine publishes
+    a new entry once the bytes land, and the device `table` is written only by the gate kernels.
     """
 
     def __init__(self, layout: ExpertLayout, n_slots: int, n_layers: int, n_experts: int):
@@ -183,6 +188,25 @@ class ExpertPool:
         self.err = cupy.zeros(1, dtype=cupy.int32)
         self.owner: dict[int, tuple[int, int]] = {}
         self.where: dict[tuple[int, int], int] = {}
+        self.host_map: np.ndarray | None = None
+
+    def map_to_host(self) -> np.ndarray:
+        """Keep the slot map in page-locked host memory from now on (run-ahead decode)."""
+        if self.host_map is None:
+            import cupyx
+            self.host_map = cupyx.empty_pinned(self.table.shape, dtype=np.int32)
+            self.host_map[...] = self.table.get()
+        return self.host_map
+
+    def host_map_addr(self, layer: int, e: int = 0) -> int:
+        return self.host_map.ctypes.data + (layer * self.E + e) * 4
+
+    def unassign(self, slot: int) -> None:
+        """An eviction (Prefetcher.load, before the copy into `slot` is queued): with a host map the
+        device must stop finding the old expert there now; without one, assign clears it later."""
+        old = self.owner.get(slot)
+        if self.host_map is not None and old is not None and self.where.get(old) == slot:
+            self.host_map[old] = -1
 
     @property
     def base(self) -> int:
@@ -201,12 +225,19 @@ class ExpertPool:
         device write fewer per miss), so the previous holder may have been loaded again into another
         slot and assigned there first (its copy waited for out of order): then it stays mapped."""
         old = self.owner.pop(slot, None)
+        mapped = self.host_map is not None
         if old is not None and self.where.get(old) == slot:
             del self.where[old]
-            self.table[old[0], old[1]] = -1
+            if mapped:
+                self.host_map[old] = -1
+            else:
+                self.table[old[0], old[1]] = -1
         self.owner[slot] = (layer, e)
         self.where[(layer, e)] = slot
-        self.table[layer, e] = slot
+        if mapped:              # the copy stream published it already; this only repeats it
+            self.host_map[layer, e] = slot
+        else:
+            self.table[layer, e] = slot
 
     def handle(self, layer: int, e: int) -> ExpertHandle:
         slot = self.where.get((layer, e))
