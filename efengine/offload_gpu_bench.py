@@ -24,10 +24,10 @@ decode (`resident_graph_s`, DecodeGraph, the fastest resident step this engine h
 
 Decode path: by default each cell runs OffloadDecodeGraph (ops/gpu_offload_decode.py: per-layer
 CUDA-graph segments, the runtime between the router and the experts of each MoE layer, the trace's
-ids / weights written into the device ids buffer after each router segment); policies that do not
-prefetch (ondemand) run RunaheadDecodeGraph instead (ops/gpu_runahead.py: the step as one graph,
-residency checked on the device, the host follows and issues the misses' copies; the trace's ids
-go to the device as each step's plan), unless `--no-runahead` or the cell records a timeline;
+ids / weights written into the device ids buffer after each router segment), or by default
+RunaheadDecodeGraph (ops/gpu_runahead.py: the step as one graph, residency checked on the device,
+the host follows it, issuing the misses' copies and planning prefetches; the trace's ids go to
+the device as each step's plan) unless `--no-runahead` or the cell records a timeline;
 `--eager` runs Model.forward per step with route_hook instead (the JSON's "path" says which).
 
 Replay caveat: the hidden states are the synthetic model's, not the ones that produced the
@@ -360,11 +360,9 @@ def _cell_graph(src, store, trace, policy: str, frac: float, a, timeline: bool =
     model = Model(src, "cupy", experts=rt)
     router = TraceRouter(trace, get_backend("numpy"), model.cfg.moe_layers) if trace is not None else None
     cache = model.new_cache(a.warmup + a.tokens + 2)
-    ahead = rt.policy.prefetch == "none" and not timeline and not getattr(a, "no_runahead", False)
-    if ahead:
-        g = RunaheadDecodeGraph(model, rt, cache, route_hook=router)
-    else:
-        g = OffloadDecodeGraph(model, rt, cache, route_hook=router, predict_ahead=predict_ahead(policy, trace, a))
+    ahead = not timeline and not getattr(a, "no_runahead", False)
+    kind = RunaheadDecodeGraph if ahead else OffloadDecodeGraph
+    g = kind(model, rt, cache, route_hook=router, predict_ahead=predict_ahead(policy, trace, a))
     g.start(1, 0)
     g.capture()                                 # one eager warm-up step at position 0, undone
     if trace is None:
@@ -532,7 +530,7 @@ def add_args(p) -> None:
     p.add_argument("--eager", action="store_true",
                    help="--offload: eager Model.forward per step instead of the segmented CUDA-graph decode")
     p.add_argument("--no-runahead", action="store_true",
-                   help="--offload: policies without prefetch also run the segmented graph decode")
+                   help="--offload: the segmented graph decode (host between router and experts) in every cell")
     p.add_argument("--host-blobs", type=int, default=16, help="--offload: distinct pinned host blobs")
     p.add_argument("--predict-ahead", type=int, default=2,
                    help="--offload without a trace: layers of routers expertflow predicts on the device (default 2)")

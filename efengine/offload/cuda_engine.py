@@ -168,14 +168,19 @@ class CudaEngine:
         self.staged_copies += 1
         return k, self.staging[k]
 
-    def submit(self, nbytes: int, fn, *, slot: int, blob, pool, key=None, **job) -> _CudaEvent:
-        """Queue blob -> slot; key (model layer, expert) names it in the pool's host map, if any."""
+    def submit(self, nbytes: int, fn, *, slot: int, blob, pool, key=None, guard=None, **job) -> _CudaEvent:
+        """Queue blob -> slot; key (model layer, expert) names it in the pool's host map, if any;
+        guard: the model layer of the expert it evicts, when a run-ahead gate may still claim it."""
         cp = self.cupy
         start, end = cp.cuda.Event(), cp.cuda.Event()
         fence = self.fences.pop(slot, None)
         if fence is not None:
             self.stream.wait_event(fence)
             self.spare_fences.append(fence)
+        hm = getattr(pool, "host_map", None)
+        if hm is not None and guard is not None:
+            from ..ops.gpu_ops import slot_guard
+            slot_guard(pool.progress, guard, pool.err, self.stream)
         if isinstance(blob, cp.ndarray):                      # already on the device
             dst = pool.slot_array(slot)
             start.record(self.stream)
@@ -191,7 +196,6 @@ class CudaEngine:
             start.record(self.stream)
             cp.cuda.runtime.memcpyAsync(_slot_ptr(pool, slot), buf.ctypes.data, blob.size, 1, self.stream.ptr)
             self.staged[k] = end
-        hm = getattr(pool, "host_map", None)
         if hm is not None and key is not None:       # run-ahead: the device learns it has landed
             from ..ops.gpu_ops import publish
             publish(pool.host_map_addr(*key), slot, self.stream)

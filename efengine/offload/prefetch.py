@@ -205,8 +205,11 @@ class Prefetcher:
                 self.stats.prefetch_wasted += 1
         blob = self.store.blob(i, e)
         nbytes = self.store.blob_nbytes
+        # a demand load's victim cannot be in use (run-ahead: the device waits at this layer's
+        # gate); a prefetch's may be, by a layer the device reached before the host did
+        guard = self.store.layers[evicted // self.cache.E] if prefetch and evicted >= 0 else None
         ev = self.engine.submit(nbytes, lambda: self.pool.put(slot, blob) if blob is not None else None,
-                                slot=slot, blob=blob, pool=self.pool, key=(self.store.layers[i], e))
+                                slot=slot, blob=blob, pool=self.pool, key=(self.store.layers[i], e), guard=guard)
         self.cache.set_event(i, e, ev)
         self.inflight[i * self.cache.E + e] = (ev, prefetch)
         self.requests.pop(i * self.cache.E + e, None)

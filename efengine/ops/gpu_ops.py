@@ -388,37 +388,54 @@ def argmax_advance(logits, V: int, tok, pos, hist=None) -> None:
 
 
 def expert_gate(ids, rw, forced, mtab: int, dtab: int, log: int, pos, stall: int, err, A: int,
-                timeout_s: float = 10.0) -> None:
+                timeout_s: float = 10.0, progress=None, layer: int = 0, pred=None, n_pred: int = 0) -> None:
     """Run-ahead residency check of one MoE layer (kernels/offload.cu): ids [A] (and rw [A]) from
     the router, or `forced` (ids [A] int32, weights [A] f32 on the device) replacing them; mtab /
     log / stall are host-mapped addresses (page-locked memory) of the layer's map row [E] int32,
-    its log row [A + 1] int32 and the stall counter (u64 ns); dtab the device table row [E]."""
+    its log row [A + 1 + n_pred] int32 and the stall counter (u64 ns); dtab the device table row
+    [E]; progress a device int32 [1] (the claim slot_guard reads); pred n_pred float32 logged."""
     if A > 32:
         raise ConfigError(f"expert_gate: at most 32 active experts, got {A}")
     fi, fw = forced if forced is not None else (None, None)
+    if progress is None:
+        progress = cupy.zeros(1, dtype=cupy.int32)
     launch("offload", "expert_gate", (1,), (32,),
            (ids, rw, ptr(fi), ptr(fw), u64(mtab), u64(dtab), u64(log), pos, u64(stall), err, i32(A),
-            i64(int(timeout_s * 1e9))))
+            i64(int(timeout_s * 1e9)), progress, i32(layer), ptr(pred), i32(n_pred)))
+
+
+def step_done(progress) -> None:
+    launch("offload", "step_done", (1,), (1,), (progress,))
+
+
+def slot_guard(progress, layer: int, err, stream, timeout_s: float = 10.0) -> None:
+    """On `stream` (the copy stream): wait while model layer `layer` holds a claim on its slots."""
+    with stream:
+        launch("offload", "slot_guard", (1,), (1,), (progress, i32(layer), err, i64(int(timeout_s * 1e9))))
 
 
 _scratch = []
 
 
 def load_offload_kernels() -> None:
-    """Load expert_gate and publish now (one launch each, on a scratch word). CUDA loads kernels
-    lazily, and loading may wait for running kernels: a publish loaded for the first time while a
-    gate spins waiting for it would never run."""
+    """Load every kernel of offload.cu now (one launch each, on scratch words). CUDA loads kernels
+    lazily, and loading may wait for running kernels: a publish or guard loaded for the first time
+    while a gate spins waiting for it would never run."""
     import cupyx
     if not _scratch:
         w = cupyx.empty_pinned((4,), dtype=np.int32)
         w[...] = [0, 0, 0, 7]
         ids, rw = cupy.zeros(1, dtype=cupy.int32), cupy.zeros(1, dtype=cupy.float32)
         dtab, pos, err = cupy.zeros(1, dtype=cupy.int32), cupy.zeros(1, dtype=cupy.int32), cupy.zeros(1, dtype=cupy.int32)
+        progress = cupy.full(1, -1, dtype=cupy.int32)
         stall = cupyx.empty_pinned((1,), dtype=np.uint64)
         s = cupy.cuda.Stream(non_blocking=True)
         publish(w.ctypes.data, 0, s)
+        slot_guard(progress, 0, err, s)
         with s:
-            expert_gate(ids, rw, None, w.ctypes.data, addr(dtab), w.ctypes.data + 4, pos, stall.ctypes.data, err, 1)
+            expert_gate(ids, rw, None, w.ctypes.data, addr(dtab), w.ctypes.data + 4, pos, stall.ctypes.data, err, 1,
+                        progress=progress)
+            step_done(progress)
         s.synchronize()
         _scratch.append(w)
 

@@ -16,12 +16,13 @@ Here the host leaves the loop unless a copy is needed:
 So a layer whose experts are resident runs at once; a layer that misses waits on the device for
 exactly its copies, which the host issues as soon as it sees the routing.
 
-Why evictions are safe without fences: the host evicts only while serving a layer's misses, when
-the device is held at that layer's gate (it cannot pass a missing expert), every earlier layer's
-kernels are done (stream order), and the victim is not among this layer's experts: no queued or
-running kernel can read the victim's slot; its map entry is -1 before its slot is overwritten.
-That argument needs the host to evict at demand time only, so policies that prefetch (their
-copies are issued while the device may be running later layers) use OffloadDecodeGraph.
+Evictions without fences: a demand load's victim is never in use (the host serves a layer's
+misses while the device waits at that layer's gate; earlier layers are done, later ones not
+started, the layer's own experts pinned). A prefetch may evict an expert of a layer the device
+has reached before the host did: its entry is cleared at once and the copy waits on the copy
+stream behind `slot_guard` while that layer's gate holds a claim (kernels/offload.cu explains the
+claim). So every policy runs here; pre-gate predictions computed on the device (predict_ahead)
+reach the host through the same log row as the ids.
 
 Trace replay: route_hook is asked for every MoE layer's ids / weights before the step; they go to
 the device as the step's plan and the gates substitute them for the router's (the router still
@@ -43,21 +44,19 @@ from .gpu_offload_decode import OffloadDecodeGraph
 
 class RunaheadDecodeGraph(OffloadDecodeGraph):
     """Greedy decode of `model` (cupy backend) whose routed experts live in `runtime.pool`, with
-    residency checked on the device (module docstring). The runtime's policy must not prefetch."""
+    residency checked on the device (module docstring)."""
 
-    def __init__(self, model, runtime, cache, route_hook=None, timeout_s: float = 20.0):
-        if runtime.policy.prefetch != "none":
-            raise ConfigError(f"run-ahead decode needs a policy without prefetching "
-                              f"({runtime.policy.name!r} prefetches): use OffloadDecodeGraph")
+    def __init__(self, model, runtime, cache, route_hook=None, predict_ahead: int | None = None,
+                 timeout_s: float = 20.0):
         if not hasattr(runtime.engine, "fence"):
             raise ConfigError("run-ahead decode needs a CudaEngine (copies on their own stream)")
-        super().__init__(model, runtime, cache, route_hook=route_hook, predict_ahead=0)
+        super().__init__(model, runtime, cache, route_hook=route_hook, predict_ahead=predict_ahead)
         import cupyx
-        A, n = self.cfg.top_k, len(self.moe)
+        A, n, E = self.cfg.top_k, len(self.moe), self.cfg.n_experts
         self.timeout_s = float(timeout_s)
         ops.load_offload_kernels()
         runtime.pool.map_to_host()
-        self.log = cupyx.empty_pinned((n, A + 1), dtype=np.int32)      # [ids | position + 1]
+        self.log = cupyx.empty_pinned((n, A + 1 + self.ahead * E), dtype=np.int32)  # [ids | pos + 1 | logits]
         self.log[...] = -1
         self.stall_ns = cupyx.empty_pinned((1,), dtype=np.uint64)
         self.stall_ns[0] = 0
@@ -73,16 +72,21 @@ class RunaheadDecodeGraph(OffloadDecodeGraph):
     def _segments(self) -> list:
         segs = super()._segments()
         for l, calls in segs:
-            if l is not None:
-                calls.append(lambda l=l: self._gate(l))
+            calls.append((lambda l=l: self._gate(l)) if l is not None else
+                         (lambda: ops.step_done(self.pool.progress)))
         return segs
+
+    def _n_pred(self, i: int) -> int:
+        """Later MoE layers whose router logits MoE layer index i's segment predicts."""
+        return min(self.ahead, len(self.moe) - 1 - i)
 
     def _gate(self, l: int) -> None:
         i, pool, A = self.moe_index[l], self.pool, self.cfg.top_k
         forced = (self.plan_ids[i], self.plan_w[i]) if self.route_hook is not None else None
+        n = self._n_pred(i) * self.cfg.n_experts
         ops.expert_gate(self.ids, self.rw, forced, pool.host_map_addr(l), addr(pool.table) + l * pool.E * 4,
-                        self.log.ctypes.data + i * (A + 1) * 4, self.pos, self.stall_ns.ctypes.data,
-                        pool.err, A, self.timeout_s)
+                        self.log[i].ctypes.data, self.pos, self.stall_ns.ctypes.data, pool.err, A,
+                        self.timeout_s, pool.progress, l, self.plog if n else None, n)
 
     # ---- the host side: following the device ---------------------------------------------------
     def start(self, token: int, pos: int) -> None:
@@ -119,13 +123,15 @@ class RunaheadDecodeGraph(OffloadDecodeGraph):
                 self.pool.check()
                 raise EfError(f"run-ahead decode: layer {l}'s gate did not report within {self.timeout_s} s")
         ids = np.array(row[:A]).reshape(1, A)
+        n = self._n_pred(self.moe_index[l])
+        pred = row[A + 1:A + 1 + n * self.cfg.n_experts].view(np.float32).reshape(n, -1).astype(np.float64) if n else None
         t1 = time.perf_counter()
         self.rt.demand(l, ids, wait=False)
         first = self.rt.first_issue_t
         if first is not None:
             h["to_first_copy_s"] += first - t1
             h["copy_layers"] += 1
-        self.rt.end_layer(l)
+        self.rt.end_layer(l, pregate=pred)
         if self.route_log is not None:
             self.route_log.append(ids.reshape(-1).copy())
         h["router_sync_s"] += t1 - t0

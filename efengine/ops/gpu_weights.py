@@ -196,6 +196,7 @@ class ExpertPool:
             import cupyx
             self.host_map = cupyx.empty_pinned(self.table.shape, dtype=np.int32)
             self.host_map[...] = self.table.get()
+            self.progress = cupy.full(1, -1, dtype=cupy.int32)   # the gates' claim (offload.cu)
         return self.host_map
 
     def host_map_addr(self, layer: int, e: int = 0) -> int:
@@ -247,9 +248,13 @@ class ExpertPool:
 
     def check(self) -> None:
         """Raise if a kernel met an expert that was not resident (and clear the flag)."""
-        if int(self.err.get()[0]):
+        err = int(self.err.get()[0])
+        if err:
             self.err.fill(0)
-            raise ConfigError("an MoE kernel read an expert whose slot table entry is -1 (not resident)")
+            what = [m for bit, m in ((1, "an MoE kernel read an expert whose slot table entry is -1 (not resident)"),
+                                     (2, "a run-ahead gate waited too long for an expert's copy"),
+                                     (4, "a copy waited too long for a run-ahead gate's claim")) if err & bit]
+            raise ConfigError("; ".join(what))
 
     @classmethod
     def resident(cls, source, layers=None) -> "ExpertPool":
