@@ -84,6 +84,33 @@ def test_protect_mask_and_peek_victim_agree_with_allocate():
         c.check()
 
 
+def test_kept_masks_follow_every_state_and_pin_change():
+    """evictable() and the resident mask the policies see are kept as states and pins change, not
+    rebuilt: loads left in flight, per-expert and all-at-once unpins, evictions in any order."""
+    c = ExpertCache(5, 3, 4, LRU())
+    rng = np.random.default_rng(3)
+    loading = []
+    for step in range(300):
+        l = int(rng.integers(3))
+        ids = [int(e) for e in rng.choice(4, 2, replace=False)]
+        c.access(l, ids)
+        c.pin(l, ids)
+        for e in ids:
+            if not c.is_present(l, e) and c.allocate(l, e) is not None:
+                loading.append((l, e))
+        while loading and rng.random() < 0.6:          # copies land late, in any order
+            c.complete(*loading.pop(int(rng.integers(len(loading)))))
+        want = (c.state == 2) & ~c.pinned
+        assert (c.evictable() == want).all() and (c.resident == (c.state != 0)).all()
+        protect = rng.random(12) < 0.3
+        assert (c.evictable(protect) == (want & ~protect)).all()
+        if step % 3:
+            c.unpin(l, ids[:1])
+        c.check()
+        c.unpin() if step % 2 else c.unpin(l, ids)
+        c.check()
+
+
 def test_decayed_frequency_prefers_frequent_experts():
     ev = DecayedFrequency(0.9)
     c = ExpertCache(2, 1, 3, ev)

@@ -160,6 +160,10 @@ class ExpertCache:
         self.state = np.zeros(self.L * self.E, dtype=np.int8)           # FREE / LOADING / READY
         self.owner = np.full(self.n_slots, -1, dtype=np.int64)          # slot -> flat id
         self.pinned = np.zeros(self.L * self.E, dtype=bool)
+        # kept as the states and pins change (a victim is chosen among them on most loads of a full
+        # cache; rebuilding them took three numpy calls there): ready and unpinned, and not FREE
+        self._unpinned_ready = np.zeros(self.L * self.E, dtype=bool)
+        self._resident = np.zeros(self.L * self.E, dtype=bool)
         self.prefetched = np.zeros(self.L * self.E, dtype=bool)         # loaded ahead, not used yet
         self.events: dict[int, Any] = {}                                # flat id -> copy event
         self.free = list(range(self.n_slots - 1, -1, -1))
@@ -177,8 +181,8 @@ class ExpertCache:
 
     @property
     def resident(self) -> np.ndarray:
-        """bool [L*E]: ready or loading."""
-        return self.state != FREE
+        """bool [L*E]: ready or loading (a copy)."""
+        return self._resident.copy()
 
     def occupancy(self) -> int:
         return self.n_slots - len(self.free)
@@ -197,24 +201,26 @@ class ExpertCache:
         return int(hits), len(keys) - int(hits)
 
     def pin(self, layer: int, experts) -> None:
-        base, pinned = layer * self.E, self.pinned
+        base, pinned, ok = layer * self.E, self.pinned, self._unpinned_ready
         for e in experts:
             pinned[base + e] = True
+            ok[base + e] = False
 
     def unpin(self, layer: int | None = None, experts=None) -> None:
         if layer is None:
             self.pinned[:] = False
+            np.equal(self.state, READY, out=self._unpinned_ready)
         else:
-            base, pinned = layer * self.E, self.pinned
+            base, pinned, state, ok = layer * self.E, self.pinned, self.state, self._unpinned_ready
             for e in experts:
                 pinned[base + e] = False
+                ok[base + e] = state[base + e] == READY
 
     def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
-        """bool [L*E]: ready, not pinned, not in `protect`."""
-        m = (self.state == READY) & ~self.pinned
-        if protect is not None:
-            m &= ~protect
-        return m
+        """bool [L*E]: ready, not pinned, not in `protect` (a new array)."""
+        if protect is None:
+            return self._unpinned_ready.copy()
+        return np.greater(self._unpinned_ready, protect)          # a & ~b for bools
 
     def allocate(self, layer: int, e: int, *, prefetch: bool = False,
                  protect: np.ndarray | None = None) -> tuple[int, int] | None:
@@ -226,30 +232,32 @@ class ExpertCache:
         if self.state[f] != FREE:
             raise ConfigError(f"expert {e} of layer {layer} is already in the cache")
         evicted = -1
-        if not self.free or (self._quota and self.eviction.over_quota(self.resident, layer)):
+        # the policy gets the kept resident mask itself: read-only
+        if not self.free or (self._quota and self.eviction.over_quota(self._resident, layer)):
             cand = self.evictable(protect)
             if not cand.any():
                 if self.free:
                     return self._take(f, self.free.pop(), evicted, prefetch)
                 return None
-            evicted = self.eviction.victim(cand, self.resident, layer)
+            evicted = self.eviction.victim(cand, self._resident, layer)
             self.free.append(self._drop(evicted))
         return self._take(f, self.free.pop(), evicted, prefetch)
 
     def peek_victim(self, layer: int, protect: np.ndarray | None = None) -> int:
         """What allocate would do now, without doing it: -1 a free slot, -2 nothing possible,
         else the flat id it would evict."""
-        if self.free and not (self._quota and self.eviction.over_quota(self.resident, layer)):
+        if self.free and not (self._quota and self.eviction.over_quota(self._resident, layer)):
             return -1
         cand = self.evictable(protect)
         if not cand.any():
             return -1 if self.free else -2
-        return self.eviction.victim(cand, self.resident, layer)
+        return self.eviction.victim(cand, self._resident, layer)
 
     def _take(self, f: int, slot: int, evicted: int, prefetch: bool) -> tuple[int, int]:
         self.owner[slot] = f
         self.slot_of[f] = slot
         self.state[f] = LOADING
+        self._resident[f] = True
         self.prefetched[f] = prefetch
         self.eviction.on_load(f // self.E, f % self.E, prefetch)
         return slot, evicted
@@ -261,6 +269,7 @@ class ExpertCache:
         self.table.reshape(-1)[f] = -1
         self.slot_of[f] = -1
         self.state[f] = FREE
+        self._resident[f] = self._unpinned_ready[f] = False
         self.owner[slot] = -1
         self.eviction.on_evict(f // self.E, f % self.E)
         return slot
@@ -283,6 +292,7 @@ class ExpertCache:
         if self.state[f] != LOADING:
             raise ConfigError(f"expert {e} of layer {layer} was not loading")
         self.state[f] = READY
+        self._unpinned_ready[f] = not self.pinned[f]
         self.events.pop(f, None)
         slot = int(self.slot_of[f])
         self.table[layer, e] = slot
@@ -300,3 +310,5 @@ class ExpertCache:
         assert (self.table.reshape(-1)[ready] == self.slot_of[ready]).all()
         assert (self.table.reshape(-1)[self.state != READY] == -1).all()
         assert len(self.free) + int((self.owner >= 0).sum()) == self.n_slots
+        assert (self._resident == (self.state != FREE)).all()
+        assert (self._unpinned_ready == ((self.state == READY) & ~self.pinned)).all()
