@@ -5,8 +5,9 @@
 // The host keeps the authoritative expert -> slot map in page-locked host memory (`mtab`, one row
 // [E] a layer; -1: not resident), which the GPU reads over PCIe through its unified address. The
 // host writes -1 there the moment it evicts an expert (before any copy may overwrite its slot); a
-// slot number is written by `publish`, queued on the copy stream after the expert's bytes, so a
-// number is never visible before the bytes it names have landed.
+// slot number is written on the copy stream after the expert's bytes (the driver's stream write,
+// or the `publish` kernel where that is refused), so a number is never visible before the bytes
+// it names have landed.
 //
 // `expert_gate` runs after each MoE router, in the same stream (and CUDA graph) as the layer:
 //   1. with `forced` (trace replay) the router's ids / weights are replaced by the step's plan;
