@@ -217,3 +217,9 @@ __device__ __forceinline__ void row_ptrs(int wt, const u8* q, const u16* s, cons
         mr[r] = m + (i64)row * G;
     }
 }
+
+// bytes of one row's scales (or mins)
+__device__ __forceinline__ i64 scale_row_bytes(int wt, int Kp, int gshift) {
+    return wt >= WT_Q4 ? 2 * (i64)(Kp >> (gshift + 5)) : 0;
+}
+

@@ -155,14 +155,25 @@ struct GemvF {
         *row0 = t * RW;
         return desc + 8 * m;
     }
-    __device__ __forceinline__ void rows(int task, Rows<RW>& r) const {
+    // row0's pointers and the rows from it to the matrix's end
+    struct Task { const u8* q; const u8* s; const u8* m; int left; bool ok; };
+    __device__ __forceinline__ void task(int task, Task& k) const {
         int row0;
         const u64* d = locate(task, &row0);
-        row_ptrs<RW>(wt, (const u8*)__ldg(d), (const u16*)__ldg(d + 1), (const u16*)__ldg(d + 2), row0,
-                     (int)__ldg(d + 5), K, Kp, gshift, r.q, r.s, r.m);
-        r.x32 = x32; r.xh = xh; r.xs = xs; r.xc = xc; r.ok = true;
+        k.q = (const u8*)__ldg(d) + row0 * row_bytes(wt, K, Kp);
+        k.s = (const u8*)__ldg(d + 1) + row0 * scale_row_bytes(wt, Kp, gshift);
+        k.m = (const u8*)__ldg(d + 2) + row0 * scale_row_bytes(wt, Kp, gshift);
+        k.left = (int)__ldg(d + 5) - row0;
+        k.ok = true;
     }
-    __device__ __forceinline__ void done(int task, const Rows<RW>& r, float (&acc)[RW][T]) const {
+    __device__ __forceinline__ void rows(const Task& k, Rows<RW>& r) const {
+        r.q = k.q;
+        r.s = k.s;
+        r.template run<RW>(0, 0, k.left, row_bytes(wt, K, Kp), scale_row_bytes(wt, Kp, gshift), 0, 0,
+                           (i64)((u64)k.m - (u64)k.s));
+        r.x32 = x32; r.xh = xh; r.xs = xs; r.xc = xc;
+    }
+    __device__ __forceinline__ void done(int task, const Task&, float (&acc)[RW][T]) const {
         int row0;
         const u64* d = locate(task, &row0);
         float* y = (float*)__ldg(d + 3);
@@ -187,20 +198,22 @@ struct GemvF {
 
 #define GEMV_ARGS const u64* desc, int nmat, int ntasks, int K, int Kp, int gshift, const float* x32, int ldx, \
                   const u16* xh, const float* xs, const float* xc, int KX
-#define GEMV_INST(NAME, WT, T, RW, U) \
-    extern "C" __global__ void __launch_bounds__(256) NAME(GEMV_ARGS) { \
+// MB: blocks of 256 an SM a kernel must fit (__launch_bounds__; 0: ptxas picks). Named where ptxas'
+// own pick spilled or missed a block by a few registers; all checked spill-free (nvcc_check.sh).
+#define GEMV_INST(NAME, WT, T, RW, U, MB) \
+    extern "C" __global__ void __launch_bounds__(256, MB) NAME(GEMV_ARGS) { \
         GemvF<RW, T> f; \
         f.desc = desc; f.nmat = nmat; f.wt = WT; f.K = K; f.Kp = Kp; f.gshift = gshift; f.KX = KX; \
         f.x32 = x32; f.xh = xh; f.xs = xs; f.xc = xc; \
         run_tasks<WT, T, RW, U>(f, ntasks, K, Kp, gshift, ldx, KX); }
-#define GEMV_ALL_T(WTN, WT, U1) \
-    GEMV_INST(gemv_##WTN##_t1, WT, 1, 2, U1) GEMV_INST(gemv_##WTN##_t2, WT, 2, 2, 1) \
-    GEMV_INST(gemv_##WTN##_t4, WT, 4, 2, 1) GEMV_INST(gemv_##WTN##_t8, WT, 8, 1, 1)
-GEMV_ALL_T(f32, WT_F32, 1)
-GEMV_ALL_T(f16, WT_F16, 2)
-GEMV_ALL_T(bf16, WT_BF16, 2)
-GEMV_ALL_T(q4, WT_Q4, 2)
-GEMV_ALL_T(q8, WT_Q8, 2)
+#define GEMV_ALL_T(WTN, WT, U1, MB1, MB2) \
+    GEMV_INST(gemv_##WTN##_t1, WT, 1, 2, U1, MB1) GEMV_INST(gemv_##WTN##_t2, WT, 2, 2, 1, MB2) \
+    GEMV_INST(gemv_##WTN##_t4, WT, 4, 2, 1, 0) GEMV_INST(gemv_##WTN##_t8, WT, 8, 1, 1, 0)
+GEMV_ALL_T(f32, WT_F32, 1, 0, 0)
+GEMV_ALL_T(f16, WT_F16, 2, 0, 5)
+GEMV_ALL_T(bf16, WT_BF16, 2, 0, 0)
+GEMV_ALL_T(q4, WT_Q4, 2, 4, 0)
+GEMV_ALL_T(q8, WT_Q8, 2, 3, 2)
 
 // ---- routing -------------------------------------------------------------------------------
 #define ROUTE_PER_LANE 16      // up to 512 experts
@@ -408,27 +421,31 @@ struct GateUpF {
     const float* x32; int ldx; const u16* xh; const float* xs; const float* xc; int KX;
     float* hout; int ldh; u16* hxh; float* hxs; float* hxc; int HKX; int* cnt;
 
-    __device__ __forceinline__ void rows(int task, Rows<4>& r) const {
-        const int p = task / ngroups, i0 = (task % ngroups) * 2, t = p / A;
-        const u8* base;
-        r.ok = expert_base(ids, table, E, err, p, pool, stride, &base);
-        const u8* q2[2]; const u16* s2[2]; const u16* m2[2];
-        row_ptrs<2>(wt, base + gq, (const u16*)(base + gs), (const u16*)(base + gm), i0, I, K, Kp, gshift, q2, s2, m2);
-        r.q[0] = q2[0]; r.q[1] = q2[1]; r.s[0] = s2[0]; r.s[1] = s2[1]; r.m[0] = m2[0]; r.m[1] = m2[1];
-        row_ptrs<2>(wt, base + uq, (const u16*)(base + us), (const u16*)(base + um), i0, I, K, Kp, gshift, q2, s2, m2);
-        r.q[2] = q2[0]; r.q[3] = q2[1]; r.s[2] = s2[0]; r.s[3] = s2[1]; r.m[2] = m2[0]; r.m[3] = m2[1];
-        r.x32 = x32 + (i64)t * ldx;
-        r.xh = xh + (i64)t * KX;
-        r.xs = xs + (i64)t * (KX >> 5);
-        r.xc = xc + (i64)t * (KX >> 5);
+    struct Task { const u8* base; int i0, t; bool ok; };
+    __device__ __forceinline__ void task(int task, Task& k) const {
+        const int p = task / ngroups;
+        k.i0 = (task % ngroups) * 2;
+        k.t = p / A;
+        k.ok = expert_base(ids, table, E, err, p, pool, stride, &k.base);
     }
-    __device__ __forceinline__ void done(int task, const Rows<4>& r, float (&acc)[4][1]) const {
+    __device__ __forceinline__ void rows(const Task& k, Rows<4>& r) const {
+        const i64 rb = row_bytes(wt, K, Kp), sb = scale_row_bytes(wt, Kp, gshift);
+        r.q = k.base + k.i0 * rb;
+        r.s = k.base + k.i0 * sb;
+        r.run<2>(0, k.i0, I, rb, sb, (i64)gq, (i64)gs, (i64)gm);
+        r.run<2>(2, k.i0, I, rb, sb, (i64)uq, (i64)us, (i64)um);
+        r.x32 = x32 + (i64)k.t * ldx;
+        r.xh = xh + (i64)k.t * KX;
+        r.xs = xs + (i64)k.t * (KX >> 5);
+        r.xc = xc + (i64)k.t * (KX >> 5);
+    }
+    __device__ __forceinline__ void done(int task, const Task& k, float (&acc)[4][1]) const {
         const int p = task / ngroups, i0 = (task % ngroups) * 2, lane = threadIdx.x & 31;
         const float g0 = warp_sum(acc[0][0]), g1 = warp_sum(acc[1][0]);
         const float u0 = warp_sum(acc[2][0]), u1 = warp_sum(acc[3][0]);
         if (lane == 0) {
-            hout[(i64)p * ldh + i0] = r.ok ? silu_mul1(g0, u0) : 0.0f;
-            if (i0 + 1 < I) hout[(i64)p * ldh + i0 + 1] = r.ok ? silu_mul1(g1, u1) : 0.0f;
+            hout[(i64)p * ldh + i0] = k.ok ? silu_mul1(g0, u0) : 0.0f;
+            if (i0 + 1 < I) hout[(i64)p * ldh + i0 + 1] = k.ok ? silu_mul1(g1, u1) : 0.0f;
         }
         if (hxh == nullptr) return;
         const int ch = i0 >> 5, nch = (I + 31) >> 5;
@@ -454,31 +471,37 @@ struct DownF {
     const float* h32; int ldh; const u16* hxh; const float* hxs; const float* hxc; int HKX;
     const float* rw; float* y; int ldy;
 
-    __device__ __forceinline__ void rows(int task, Rows<RW>& r) const {
-        const int p = task / ngroups, row0 = (task % ngroups) * RW;
-        const u8* base;
-        r.ok = expert_base(ids, table, E, err, p, pool, stride, &base);
-        row_ptrs<RW>(wt, base + dq, (const u16*)(base + ds), (const u16*)(base + dm), row0, D, K, Kp, gshift,
-                     r.q, r.s, r.m);
-        r.x32 = h32 + (i64)p * ldh;
-        r.xh = hxh + (i64)p * HKX;
-        r.xs = hxs + (i64)p * (HKX >> 5);
-        r.xc = hxc + (i64)p * (HKX >> 5);
+    struct Task { const u8* base; int row0, p; bool ok; };
+    __device__ __forceinline__ void task(int task, Task& k) const {
+        k.p = task / ngroups;
+        k.row0 = (task % ngroups) * RW;
+        k.ok = expert_base(ids, table, E, err, k.p, pool, stride, &k.base);
     }
-    __device__ __forceinline__ void done(int task, const Rows<RW>& r, float (&acc)[RW][1]) const {
+    __device__ __forceinline__ void rows(const Task& k, Rows<RW>& r) const {
+        const i64 rb = row_bytes(wt, K, Kp), sb = scale_row_bytes(wt, Kp, gshift);
+        r.q = k.base + k.row0 * rb;
+        r.s = k.base + k.row0 * sb;
+        r.template run<RW>(0, k.row0, D, rb, sb, (i64)dq, (i64)ds, (i64)dm);
+        r.x32 = h32 + (i64)k.p * ldh;
+        r.xh = hxh + (i64)k.p * HKX;
+        r.xs = hxs + (i64)k.p * (HKX >> 5);
+        r.xc = hxc + (i64)k.p * (HKX >> 5);
+    }
+    __device__ __forceinline__ void done(int task, const Task& k, float (&acc)[RW][1]) const {
         const int p = task / ngroups, row0 = (task % ngroups) * RW;
         const float w = rw ? __ldg(rw + p) : 1.0f;
 #pragma unroll
         for (int i = 0; i < RW; ++i) {
             const float v = warp_sum(acc[i][0]);
             if ((threadIdx.x & 31) == 0 && row0 + i < D)
-                y[(i64)p * ldy + row0 + i] = r.ok ? (rw ? v * w : v) : 0.0f;
+                y[(i64)p * ldy + row0 + i] = k.ok ? (rw ? v * w : v) : 0.0f;
         }
     }
 };
 
-#define MOE_INST(WTN, WT, UG, UD) \
-    extern "C" __global__ void __launch_bounds__(256) moe_gateup_##WTN( \
+// UG / UD: chunk slots a lane takes a group; MBG / MBD: blocks an SM, as MB of the GEMVs
+#define MOE_INST(WTN, WT, UG, UD, MBG, MBD) \
+    extern "C" __global__ void __launch_bounds__(256, MBG) moe_gateup_##WTN( \
         int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 gq, u64 gs, \
         u64 gm, u64 uq, u64 us, u64 um, int I, int K, int Kp, int gshift, int A, const float* x32, int ldx, \
         const u16* xh, const float* xs, const float* xc, int KX, float* hout, int ldh, u16* hxh, float* hxs, \
@@ -490,7 +513,7 @@ struct DownF {
         f.x32 = x32; f.ldx = ldx; f.xh = xh; f.xs = xs; f.xc = xc; f.KX = KX; \
         f.hout = hout; f.ldh = ldh; f.hxh = hxh; f.hxs = hxs; f.hxc = hxc; f.HKX = HKX; f.cnt = cnt; \
         run_tasks<WT, 1, 4, UG>(f, ntasks, K, Kp, gshift, ldx, KX); } \
-    extern "C" __global__ void __launch_bounds__(256) moe_down_##WTN( \
+    extern "C" __global__ void __launch_bounds__(256, MBD) moe_down_##WTN( \
         int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 dq, u64 ds, \
         u64 dm, int D, int K, int Kp, int gshift, const float* h32, int ldh, const u16* hxh, const float* hxs, \
         const float* hxc, int HKX, const float* rw, float* y, int ldy) { \
@@ -500,8 +523,8 @@ struct DownF {
         f.ngroups = (D + 1) / 2; f.h32 = h32; f.ldh = ldh; f.hxh = hxh; f.hxs = hxs; f.hxc = hxc; f.HKX = HKX; \
         f.rw = rw; f.y = y; f.ldy = ldy; \
         run_tasks<WT, 1, 2, UD>(f, ntasks, K, Kp, gshift, ldh, HKX); }
-MOE_INST(f32, WT_F32, 1, 1)
-MOE_INST(f16, WT_F16, 1, 2)
-MOE_INST(bf16, WT_BF16, 1, 2)
-MOE_INST(q4, WT_Q4, 1, 2)
-MOE_INST(q8, WT_Q8, 1, 1)
+MOE_INST(f32, WT_F32, 1, 1, 4, 0)
+MOE_INST(f16, WT_F16, 1, 2, 0, 0)
+MOE_INST(bf16, WT_BF16, 1, 2, 0, 0)
+MOE_INST(q4, WT_Q4, 1, 2, 3, 3)
+MOE_INST(q8, WT_Q8, 1, 1, 3, 4)
