@@ -103,10 +103,10 @@ class RunaheadDecodeGraph(OffloadDecodeGraph):
         zi, zw = np.zeros((1, A), np.int32), np.zeros((1, A), np.float32)
         for i, l in enumerate(self.moe):
             ids, w = self.route_hook(l, None, zi, zw)
-            ids_up[i] = np.asarray(ids, dtype=np.int32).reshape(-1)[:A]
-            w_up[i] = np.asarray(w, dtype=np.float32).reshape(-1)[:A]
-            if np.asarray(ids).size != A or np.asarray(w).size != A:
+            ids, w = np.asarray(ids, dtype=np.int32).reshape(-1), np.asarray(w, dtype=np.float32).reshape(-1)
+            if ids.size != A or w.size != A:
                 raise ConfigError(f"route_hook must return {A} ids and weights for layer {l}")
+            ids_up[i], w_up[i] = ids, w
         rt, s = cupy.cuda.runtime, self.stream.ptr
         rt.memcpyAsync(self.plan_ids.data.ptr, ids_up.ctypes.data, ids_up.nbytes, 1, s)
         rt.memcpyAsync(self.plan_w.data.ptr, w_up.ctypes.data, w_up.nbytes, 1, s)
