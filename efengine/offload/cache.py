@@ -164,6 +164,7 @@ class ExpertCache:
         # cache; rebuilding them took three numpy calls there): ready and unpinned, and not FREE
         self._unpinned_ready = np.zeros(self.L * self.E, dtype=bool)
         self._resident = np.zeros(self.L * self.E, dtype=bool)
+        self._pins: set[int] = set()                                    # the pinned flat ids
         self.prefetched = np.zeros(self.L * self.E, dtype=bool)         # loaded ahead, not used yet
         self.events: dict[int, Any] = {}                                # flat id -> copy event
         self.free = list(range(self.n_slots - 1, -1, -1))
@@ -205,16 +206,19 @@ class ExpertCache:
         for e in experts:
             pinned[base + e] = True
             ok[base + e] = False
+            self._pins.add(base + e)
 
     def unpin(self, layer: int | None = None, experts=None) -> None:
+        """Unpin `experts` of `layer`, or every pinned expert (a few: Python beats a pass over all)."""
+        pinned, state, ok = self.pinned, self.state, self._unpinned_ready
         if layer is None:
-            self.pinned[:] = False
-            np.equal(self.state, READY, out=self._unpinned_ready)
+            fs, self._pins = self._pins, set()
         else:
-            base, pinned, state, ok = layer * self.E, self.pinned, self.state, self._unpinned_ready
-            for e in experts:
-                pinned[base + e] = False
-                ok[base + e] = state[base + e] == READY
+            fs = [layer * self.E + e for e in experts]
+            self._pins.difference_update(fs)
+        for f in fs:
+            pinned[f] = False
+            ok[f] = state[f] == READY
 
     def evictable(self, protect: np.ndarray | None = None) -> np.ndarray:
         """bool [L*E]: ready, not pinned, not in `protect` (a new array)."""
@@ -312,3 +316,4 @@ class ExpertCache:
         assert len(self.free) + int((self.owner >= 0).sum()) == self.n_slots
         assert (self._resident == (self.state != FREE)).all()
         assert (self._unpinned_ready == ((self.state == READY) & ~self.pinned)).all()
+        assert self._pins == set(np.flatnonzero(self.pinned).tolist())
