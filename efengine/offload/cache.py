@@ -192,7 +192,10 @@ class ExpertCache:
     def access(self, layer: int, experts) -> tuple[int, int]:
         """A routed use of `experts` of `layer`: tells the policy; returns (hits, misses) where a hit
         is an expert already present (ready or in flight)."""
-        keys = sorted(set(np.asarray(experts, dtype=np.int64).reshape(-1).tolist()))
+        if type(experts) is list:  # the runtime's: a few ids, sorted already; no numpy round trip
+            keys = sorted(set(experts))
+        else:
+            keys = sorted(set(np.asarray(experts, dtype=np.int64).reshape(-1).tolist()))
         self.eviction.on_access(layer, np.asarray(keys, dtype=np.int64))
         base, state, pre = layer * self.E, self.state, self.prefetched
         hits = 0
