@@ -55,17 +55,19 @@ class ExpertflowEviction(Eviction):
         self._R = self._P                                      # reuse head: eviction ranking
         self._d = np.full(n_layers, n_layers)
         self._c: int | None = None     # the layer d is the distance row of (None: d was set directly)
-        self._rows: dict = {}          # (c, S) -> layers within S of c (ascending)
+        self._rows: dict = {}          # (c, S) -> (layers within S of c, bool [L*E] of their experts)
+        self._first = (np.arange(n_layers) * n_experts)[:, None]
         self._T = None                 # next_use() of the current R, d (None: not computed yet)
-        self._prot: tuple | None = None   # (S, predicted(S), its complement) of the current P, d
+        self._prot: tuple | None = None   # (S, predicted(S)) of the current P, d
+        # next_use's alpha * d - L per layer, by the layer c that d is the distance row of
+        dist = np.arange(n_layers)[None, :] - np.arange(n_layers)[:, None]
+        dist = np.where(dist > 0, dist, dist + n_layers)
+        self._shift = (self.alpha * dist - n_layers)[:, :, None]
 
     # P, R, d are re-predicted on first use after an access: a layer whose experts are all resident
-    # needs no victim, so its prediction waits for the planning after the next launch (same values).
+    # needs no victim, so its prediction waits until something reads it (the runtime's planning after
+    # the launch). The predictor learns from routing alone, so a prediction never read is skipped.
     # next_use() and predicted(S) are kept until P, R or d change.
-    def _sync(self) -> None:
-        if self._due is not None:
-            self.refresh(self._due)
-
     @property
     def P(self) -> np.ndarray:
         if self._due is not None:
@@ -105,8 +107,6 @@ class ExpertflowEviction(Eviction):
             self.lru.on_access(layer, experts)
         elif self.inner == "freq":
             self.freq.on_access(layer, experts)
-        if self._due is not None:      # the previous access's prediction, if never read, comes first
-            self.refresh(self._due)
         self.predictor.observe(layer, experts)
         self._due = layer
 
@@ -130,7 +130,10 @@ class ExpertflowEviction(Eviction):
         if self._T is None:      # L * (1/p - 1) + alpha * d, p <= 1 already (a probability)
             T = np.maximum(self._R, self.p_min)
             np.divide(self.L, T, out=T)
-            T += (self.alpha * self._d - self.L)[:, None]
+            if self._c is None:
+                T += (self.alpha * self._d - self.L)[:, None]
+            else:
+                T += self._shift[self._c]
             self._T = T.reshape(-1)
         return self._T
 
@@ -140,42 +143,45 @@ class ExpertflowEviction(Eviction):
         if self._due is not None:
             self.refresh(self._due)
         if self._prot is None or self._prot[0] != S:         # victim() asks once per eviction
-            m = self._predicted(S)
-            self._prot = (S, m, ~m)
+            self._prot = (S, self._predicted(S))
         return self._prot[1]
 
     def within(self, S: int) -> np.ndarray:
         """Layers whose next execution is at most S layer-steps away (ascending; memoized by layer)."""
+        return self._within(S)[0]
+
+    def _within(self, S: int) -> tuple:
         if self._due is not None:
             self.refresh(self._due)
-        if self._c is None:
-            return np.flatnonzero(self._d <= S)
-        rows = self._rows.get((self._c, S))
-        if rows is None:
-            rows = self._rows[self._c, S] = np.flatnonzero(self._d <= S)
-        return rows
+        got = None if self._c is None else self._rows.get((self._c, S))
+        if got is None:
+            inside = self._d <= S
+            got = (np.flatnonzero(inside), np.repeat(inside, self.E))
+            if self._c is not None:
+                self._rows[self._c, S] = got
+        return got
 
     def _predicted(self, S: int) -> np.ndarray:
-        A, E = self.predictor.A, self.E
-        rows = self.within(S)                       # only layers inside the horizon (row-wise top-A)
+        """Row-wise top-A of P, kept in the layers inside the horizon (sorting all rows and masking
+        is cheaper than gathering those rows first; rows are E wide)."""
+        E = self.E
         m = np.zeros(self.L * E, dtype=bool)
-        m[(rows * E)[:, None] + np.argpartition(-self._P[rows], A - 1, axis=1)[:, :A]] = True
+        m[self._first + self._P.argsort(axis=1, kind="stable")[:, E - self.predictor.A:]] = True
+        m &= self._within(S)[1]
         return m
 
     def victim(self, candidates, resident, layer):
-        if self.protect:
-            self.predicted()
-            pool = candidates & self._prot[2]          # unprotected candidates
-        else:
-            pool = candidates
-        T = self.next_use()
-        if not pool.any():
-            return _argmax(T, candidates)
-        if self.inner == "lru":
+        pool = np.greater(candidates, self.predicted()) if self.protect else candidates   # unprotected
+        if self.inner == "lru" and pool.any():
             return _argmin(self.lru.last, pool)
-        if self.inner == "freq":
+        if self.inner == "freq" and pool.any():
             return _argmin(self.freq.f.reshape(-1), pool)
-        return _argmax(T, pool)
+        T = self.next_use()
+        w = np.where(pool, T, -np.inf)
+        v = int(w.argmax())
+        if w[v] == -np.inf:                           # every candidate is protected
+            return _argmax(T, candidates)
+        return v
 
 
 @dataclass
@@ -199,7 +205,7 @@ def make_policy(name: str, n_layers: int, n_experts: int, top_k: int, *,
         return Policy(name, make_eviction(eviction or "lru"), prefetch="pregate", uses_hidden=True)
     if name == "expertflow":
         pred = HybridPredictor(n_layers, n_experts, top_k, **{k: v for k, v in kw.items()
-                                                              if k in ("lr", "coact_span", "warmup")})
+                                                              if k in ("lr", "damp", "coact_span", "warmup")})
         ev = ExpertflowEviction(pred, horizon, inner, **{k: v for k, v in kw.items()
                                                          if k in ("alpha", "protect", "p_min")})
         return Policy(name, ev, pred, prefetch="horizon", uses_hidden=True, params={"inner": inner})
