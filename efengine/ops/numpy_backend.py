@@ -44,6 +44,9 @@ from the array module `xp` for reshapes, slicing, concatenation, + and *):
 Inputs may be strided views (a slice of a projection, of the KV cache); a device backend makes
 them contiguous where its kernels need that. Ops return new arrays and never write their inputs.
 cos/sin tables come from efengine.rope (host float32, uploaded per step with asarray).
+
+NumpyBackend(act="int8") is the twin of CupyBackend(act="int8"): products of matrices the GPU keeps
+quantized with at most act_int8.MAX_ROWS rows of activations take int8 activations (act_int8.py).
 """
 from __future__ import annotations
 
@@ -52,8 +55,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..config import ModelConfig
-from .. import routing
+from .. import quant, routing
 from ..errors import FormatError
+from . import act_int8
 
 # Attention materializes [G, R, Tb, S] scores; blocks of queries bound that to ~64 MiB.
 _SCORE_ELEMS = 16 * 1024 * 1024
@@ -64,11 +68,24 @@ class ExpertWeights(NamedTuple):
     gate: np.ndarray    # [I, D]
     up: np.ndarray      # [I, D]
     down: np.ndarray    # [D, I]
+    int8: tuple = (False, False)    # act="int8": gate/up, down take int8 activations (quantized on the GPU)
+
+
+class QuantMatrix(NamedTuple):
+    """act="int8": a matrix the GPU keeps quantized, float32 here; its small products take int8 x."""
+    w: np.ndarray       # [N, K]
 
 
 class NumpyBackend:
     name = "numpy"
     xp = np
+
+    def __init__(self, act: str = "f16"):
+        self.act = act_int8.check_act(act)      # "f16": exact float32 products (the reference)
+        if self.act == "int8":
+            # steps longer than the GPU's GEMV steps go through moe_prefill, as on the GPU, where
+            # they take float (fp16 GEMM) activations: float32 here
+            self.MOE_PREFILL_MIN_T = act_int8.MAX_ROWS + 1
 
     # ---- transfers and weights --------------------------------------------------------------
     def asarray(self, a) -> np.ndarray:
@@ -80,17 +97,32 @@ class NumpyBackend:
     def weight(self, source, name: str) -> np.ndarray:
         if not source.has(name):
             raise FormatError(f"weight source lacks tensor {name!r}, which this model's config needs")
-        return np.ascontiguousarray(source.load(name), dtype=np.float32)
+        w = np.ascontiguousarray(source.load(name), dtype=np.float32)
+        if self.act == "int8" and w.ndim == 2:
+            tensors = getattr(source, "tensors", None)
+            info = tensors.get(name) if isinstance(tensors, dict) else None
+            if info is not None and act_int8.kernel_group(info.type, info.group):
+                return QuantMatrix(w)
+        return w
 
     def load_expert(self, source, layer: int, e: int) -> ExpertWeights:
         w = source.expert_weights(layer, e)
-        return ExpertWeights(*(np.ascontiguousarray(w[p], dtype=np.float32) for p in ("gate", "up", "down")))
+        int8 = (False, False)
+        lay = getattr(source, "expert_layout", None) if hasattr(source, "expert_blob") else None
+        if self.act == "int8" and lay:
+            int8 = tuple(lay[p].type in quant.QUANT_TYPES for p in ("gate", "down"))
+        return ExpertWeights(*(np.ascontiguousarray(w[p], dtype=np.float32) for p in ("gate", "up", "down")),
+                             int8=int8)
 
     # ---- dense ops -----------------------------------------------------------------------------
     def linear(self, x: np.ndarray, W: np.ndarray) -> np.ndarray:
+        if isinstance(W, QuantMatrix):
+            x, W = _small_int8(x, True), W.w
         return np.matmul(x, W.T)
 
     def embed(self, ids: np.ndarray, W: np.ndarray) -> np.ndarray:
+        if isinstance(W, QuantMatrix):
+            W = W.w
         return W[np.asarray(ids, dtype=np.int64)]
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -144,10 +176,29 @@ class NumpyBackend:
         return routing.route(logits, cfg)
 
     def expert_ffn(self, x: np.ndarray, h: ExpertWeights) -> np.ndarray:
-        return np.matmul(self.silu_mul(np.matmul(x, h.gate.T), np.matmul(x, h.up.T)), h.down.T)
+        x = _small_int8(x, h.int8[0])
+        hid = self.silu_mul(np.matmul(x, h.gate.T), np.matmul(x, h.up.T))
+        return np.matmul(_small_int8(hid, h.int8[1]), h.down.T)
+
+    def moe_prefill(self, x: np.ndarray, ids: np.ndarray, handles: dict) -> np.ndarray:
+        """act="int8" only (steps of more than MAX_ROWS tokens): every routed expert of a layer on
+        its tokens with float activations -> y [T*A, D], row t*A + a = expert ids[t, a] on x[t]."""
+        A, flat = ids.shape[1], ids.reshape(-1)
+        y = np.empty((flat.size, x.shape[1]), dtype=np.float32)
+        for e, h in handles.items():
+            slots = np.flatnonzero(flat == e)
+            y[slots] = self.expert_ffn(x[slots // A], h._replace(int8=(False, False)))
+        return y
 
     def moe_combine(self, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
         acc = y[:, 0] * weights[:, 0, None]
         for a in range(1, y.shape[1]):
             acc = acc + y[:, a] * weights[:, a, None]
         return acc
+
+
+def _small_int8(x: np.ndarray, quantized: bool) -> np.ndarray:
+    """x, or the values int8 activations give it where the GPU would take them (a quantized matrix,
+    at most act_int8.MAX_ROWS rows)."""
+    rows = int(np.prod(x.shape[:-1]))
+    return act_int8.fake_quant(x) if quantized and rows <= act_int8.MAX_ROWS else x
