@@ -114,6 +114,49 @@ def test_horizon_formula_bounds_and_corrections():
         Horizon(0, 8, 2, 1000)
 
 
+def test_horizon_within_a_batch_follows_each_layer():
+    h = Horizon(32, 128, 2, blob_nbytes=1000, initial=2)
+    assert h.within_batch(60) == 2                     # nothing measured yet: S stays
+    h.observe_copy(1000, 1e-3)
+    h.observe_layer(4e-3, batch=512)                   # a prefill layer computes 4 ms
+    h.set_expected(10)                                 # 10 experts to load per layer: 10 ms
+    assert h.within_batch(10, first=True) == 4         # ceil(2.5) + 1: a layer is lost to the read
+    assert h.within_batch(60) == 1                     # 128 slots hold one layer of 60 twice: S = 1
+    h.observe_layer(40e-3, batch=512)                  # slower layers (moving average 11.2 ms)
+    assert h.within_batch(10, first=True) == 2
+    h.observe_layer(1e-3, batch=512)                   # faster (9.16 ms): S would be 3, but within
+    assert h.within_batch(10) == 3                     # a step it only grows
+    h.observe_layer(1e-1, batch=512)
+    assert h.within_batch(10) == 3 and h.within_batch(10, first=True) == 2
+
+
+def test_pregate_topk_on_a_device_picks_the_partitions_experts():
+    """The sort path (device arrays) and the partition path (numpy) name the same union."""
+    import types
+    xp = types.SimpleNamespace(sort=np.sort, flatnonzero=np.flatnonzero)     # numpy behind another module
+    rng = np.random.default_rng(3)
+    for T in (1, 7, 300):
+        lg = rng.standard_normal((T, 60)).astype(np.float32)
+        assert np.array_equal(pregate_topk(lg, 4), pregate_topk(lg, 4, xp))
+
+
+def test_expertflow_protects_a_batchs_expected_count():
+    """A pre-gate row expecting more than top_k distinct experts (several tokens) protects its
+    n most likely; one-token rows keep top_k."""
+    pol = make_policy("expertflow", L, E, A, horizon=3)
+    ev = pol.eviction
+    ev.setup(L, E, L * E)
+    pol.predictor.observe(0, [0, 1])
+    pg = np.full((L, E), np.nan)
+    pg[1] = np.linspace(1.0, 0.3, E)                   # a batch: sum = 5.2 -> 5 experts
+    pg[2] = np.r_[0.9, 0.6, np.zeros(E - 2)]          # one token: 1.5 <= A
+    ev.refresh(0, pg)
+    m = ev.predicted(3).reshape(L, E)
+    assert m[1].sum() == 5 and m[1, :5].all()
+    assert m[2].sum() == A and ev.expected_count() == 5
+    assert (ev.P[1] >= pg[1]).all()
+
+
 def test_expertflow_protects_predicted_experts():
     pol = make_policy("expertflow", L, E, A, horizon=2, inner="lru")
     ev = pol.eviction

@@ -181,3 +181,25 @@ def test_gpu_budget_above_free_memory_is_a_clear_error(monkeypatch):
     _check_free(4 << 30, "numpy")                    # the numpy backend has no GPU to check
     with pytest.raises(ConfigError, match="more than the GPU's free memory"):
         _check_free(2 << 30, "cupy")
+
+
+def test_expertflow_prefetches_a_prefills_experts_layers_ahead(models):
+    """A prompt's tokens use every expert of a layer: the pre-gate on the prompt's hidden states
+    expects all of them, so expertflow protects and prefetches whole layers ahead (not top_k of
+    each) and only the first MoE layer misses; ondemand misses every expert of every layer."""
+    ef, _ = models["mixtral"]
+    L, E = len(ef.expert_layers), ef.n_experts
+    prompt = np.arange(40) % ef.config.vocab_size
+    ref = Model(ef, "numpy").forward(prompt, Model(ef, "numpy").new_cache(64))
+    got = {}
+    for policy in ("ondemand", "expertflow"):
+        rt, model = offloaded(ef, policy, slots=E + E // 2)
+        logits = model.forward(prompt, model.new_cache(64))
+        assert np.array_equal(logits, ref), policy
+        got[policy] = rt.summary()
+        rt.cache.check()
+        rt.close()
+    assert got["ondemand"]["misses"] == L * E
+    ef_ = got["expertflow"]
+    assert ef_["misses"] == E and ef_["late"] == 0
+    assert ef_["prefetch_used"] == ef_["prefetch_issued"] == (L - 1) * E

@@ -8,6 +8,11 @@ expected misses take N_e * E_s / C_s; starting them S layers early hides them be
 compute. Then corrected online by a gain: repeated stalls on predicted experts grow it, prefetches
 evicted unused shrink it. Bounded by the layer count and by the cache (S layers of top-k experts
 must fit in half the slots). Every step's values are logged.
+
+Decode recomputes S once a step (end_step). A step of many tokens (a prefill) is one long pass
+whose layers need most of their experts each, so there S follows every layer (`within_batch`):
+from the formula at once, plus one layer, because the state a prediction reads is the one after a
+layer, so the copies it starts have S - 1 whole layers of compute ahead of them.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ class Horizon:
                  gain_range: tuple[float, float] = (0.25, 8.0)):
         if n_layers < 1 or n_slots < 1 or top_k < 1 or blob_nbytes < 1:
             raise ConfigError("horizon: layers, slots, top_k and blob bytes must be positive")
-        self.L, self.blob = n_layers, blob_nbytes
+        self.L, self.blob, self.n_slots = n_layers, blob_nbytes, n_slots
         self.s_max = max(1, min(n_layers - 1, n_slots // (2 * top_k)))
         self.ema, self.grow, self.shrink, self.patience = ema, grow, shrink, patience
         self.gain_range = gain_range
@@ -69,6 +74,18 @@ class Horizon:
         if self.bw is None or not t_l:
             return None
         return self.n_e * self.blob / (self.bw * t_l)
+
+    def within_batch(self, experts_per_layer: float, first: bool = False) -> int:
+        """S inside a step of several tokens, after each layer: ceil(gain * formula) + 1, bounded
+        so that S layers of `experts_per_layer` experts fit in half the cache. After the step's
+        first layer S only grows: a layer that left the horizon would lose the protection of the
+        experts already prefetched for it, and they would be evicted unused."""
+        f = self.formula()
+        if f is not None:
+            cap = max(1, min(self.L - 1, int(self.n_slots // max(2.0, 2.0 * experts_per_layer))))
+            s = max(1, math.ceil(self.gain * f) + 1)
+            self.value = int(min(cap, s if first else max(s, self.value)))
+        return self.value
 
     def end_step(self, stalled_predicted: int, wasted: int, used: int) -> int:
         """Apply the online correction after a step and recompute S."""

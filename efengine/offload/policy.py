@@ -31,8 +31,9 @@ class ExpertflowEviction(Eviction):
 
     Each candidate's expected next use, in layer-steps, is T = alpha * d + L * (1/p - 1): d to its
     layer's next execution, then a geometric wait of 1/p executions (p: predicted probability of
-    use at each). Protected: the top_k predicted experts of every layer within `horizon` layer-steps
-    (and, through the cache's pins, what the current layer uses). The victim is the unprotected
+    use at each). Protected: the n_l most likely experts of every layer l within `horizon`
+    layer-steps (and, through the cache's pins, what the current layer uses); n_l is top_k, or in a
+    step of many tokens the pre-gate's expected count of distinct experts. The victim is the unprotected
     candidate with the largest T (inner="score"), or the least recent (lru) or least frequent
     (freq) one; only when every candidate is protected does the largest T among them leave.
     """
@@ -54,6 +55,7 @@ class ExpertflowEviction(Eviction):
         self._P = np.full((n_layers, n_experts), 0.5)         # route head: what to protect
         self._R = self._P                                      # reuse head: eviction ranking
         self._d = np.full(n_layers, n_layers)
+        self._n = np.full(n_layers, self.predictor.A)         # experts expected at each layer's next run
         self._c: int | None = None     # the layer d is the distance row of (None: d was set directly)
         self._rows: dict = {}          # (c, S) -> (layers within S of c, bool [L*E] of their experts)
         self._first = (np.arange(n_layers) * n_experts)[:, None]
@@ -115,9 +117,30 @@ class ExpertflowEviction(Eviction):
         self._due = None
         self._P = self.predictor.predict(layer, pregate)
         self._R = self.predictor.P_reuse
+        self._n[:] = self.predictor.A
+        if pregate is not None:
+            self._batch_rows(pregate)
         self._d, self._c = self.predictor.distance_row(layer), layer
         self._T = self._prot = None
         return self._P
+
+    def _batch_rows(self, pg: np.ndarray) -> None:
+        """Rows whose pre-gate expects more than top_k distinct experts (a step of many tokens: one
+        token's expects at most top_k) take its count and, as the chance of use, at least the
+        pre-gate's: the router read all the step's tokens, while the learned heads model one."""
+        with np.errstate(invalid="ignore"):
+            n = np.rint(np.nan_to_num(pg).sum(axis=1))
+        rows = np.flatnonzero(n > self.predictor.A)
+        if rows.size:
+            self._n[rows] = np.minimum(n[rows], self.E)
+            if self._R is self._P:
+                self._R = self._R.copy()
+            self._P[rows] = np.maximum(self._P[rows], pg[rows])
+            self._R[rows] = np.maximum(self._R[rows], pg[rows])
+
+    def expected_count(self) -> float:
+        """The most experts expected at any layer's next run (top_k, or a batch's pre-gate count)."""
+        return float(self._n.max())
 
     def on_load(self, layer, e, prefetch):
         if self.inner == "lru":
@@ -164,9 +187,14 @@ class ExpertflowEviction(Eviction):
     def _predicted(self, S: int) -> np.ndarray:
         """Row-wise top-A of P, kept in the layers inside the horizon (sorting all rows and masking
         is cheaper than gathering those rows first; rows are E wide)."""
-        E = self.E
+        E, A = self.E, self.predictor.A
+        order = self._P.argsort(axis=1, kind="stable")
         m = np.zeros(self.L * E, dtype=bool)
-        m[self._first + self._P.argsort(axis=1, kind="stable")[:, E - self.predictor.A:]] = True
+        if (self._n == A).all():
+            m[self._first + order[:, E - A:]] = True
+        else:                        # row l keeps its n_l most likely
+            keep = np.arange(E)[None, :] >= (E - self._n)[:, None]
+            m[(self._first + order)[keep]] = True
         m &= self._within(S)[1]
         return m
 

@@ -482,21 +482,26 @@ class HybridPredictor:
         return p
 
 
-def pregate_probs(logits: np.ndarray, top_k: int) -> np.ndarray:
+def pregate_probs(logits, top_k: int, xp=np):
     """Router logits [T, E] of a later layer on the current hidden state -> chance to be picked [E]
     by any of the T tokens: 1 - (1 - softmax)^top_k per token (picked in top_k draws; keeps the
     router's order, unlike a cap at 1), then 1 - prod(1 - p) over tokens. Computed through
     log1p / expm1: written directly, a sharp router's unlikely experts (softmax below ~1e-16) all
-    round to exactly 0 and tie, and the pre-gate's top-k feature would then break ties by expert id."""
+    round to exactly 0 and tie, and the pre-gate's top-k feature would then break ties by expert id.
+    xp: the array module of `logits` (a prompt's logits are reduced on the device)."""
     z = logits - logits.max(axis=-1, keepdims=True)
-    p = np.exp(z)
+    p = xp.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):                        # p == 1: log 0 = -inf -> probability 1
-        log_miss = top_k * np.log1p(-np.minimum(p, 1.0))      # log (1 - p)^top_k per token
-    return -np.expm1(log_miss.sum(axis=0))
+        log_miss = top_k * xp.log1p(-xp.minimum(p, 1.0))      # log (1 - p)^top_k per token
+    return -xp.expm1(log_miss.sum(axis=0))
 
 
-def pregate_topk(logits: np.ndarray, top_k: int) -> np.ndarray:
-    """The experts a later layer's router would pick for the current hidden state (union over T)."""
-    idx = np.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k]
-    return np.unique(idx)
+def pregate_topk(logits, top_k: int, xp=np):
+    """The experts a later layer's router would pick for the current hidden state (union over T).
+    On a device (xp not numpy): experts at or above some token's k-th largest logit, by a sort
+    (CuPy compiles its partition kernel anew for each row count: a prompt length)."""
+    if xp is np:
+        return np.unique(np.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k])
+    kth = xp.sort(logits, axis=-1)[:, -top_k]
+    return xp.flatnonzero((logits >= kth[:, None]).any(axis=0))

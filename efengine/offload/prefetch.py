@@ -286,13 +286,16 @@ class Prefetcher:
         return sum(ev.nbytes for ev, _ in self.inflight.values() if not ev.done())
 
     def pump(self, tick: int, *, protect: np.ndarray | None = None,
-             worth: Callable[[int, int], bool] | None = None, max_backlog: int | None = None) -> int:
+             worth: Callable[[int, int], bool] | None = None, max_backlog: int | None = None,
+             max_inflight: int | None = None) -> int:
         """Drop useless requests, then issue the best ones while the in-flight bound allows.
 
         worth(flat, victim) may veto a prefetch that would evict `victim` (victim -1: a free slot).
         max_backlog (bytes): issue only while the engine has less than this queued, so prefetches
         use idle copy time and a demand miss never waits behind more than that.
+        max_inflight: this call's bound on prefetches in flight (default: the prefetcher's).
         Returns how many copies were started."""
+        bound = self.max_inflight if max_inflight is None else max(1, int(max_inflight))
         if not self.requests:              # nothing asked: nothing to drop or start
             return 0
         E = self.cache.E
@@ -302,7 +305,7 @@ class Prefetcher:
                 self.stats.prefetch_dropped += 1
         started = 0
         for f, _ in sorted(self.requests.items(), key=lambda kv: kv[1]):
-            if self.prefetches_in_flight() >= self.max_inflight:
+            if self.prefetches_in_flight() >= bound:
                 break
             if max_backlog is not None and self.backlog() + self.store.blob_nbytes > max_backlog:
                 break

@@ -26,6 +26,7 @@ bit, whatever the policy or budget.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -339,11 +340,14 @@ class OffloadRuntime(ExpertProvider):
             self.horizon.observe_layer(now - self._t_prev - (self.stats.stall_s - self._stall_prev), self.T)
         self._t_prev, self._stall_prev = now, self.stats.stall_s
 
-    def _router_probs(self, i2: int, hidden) -> np.ndarray | None:
+    def _router_probs(self, i2: int, hidden, device: bool = False):
         """Router logits [T, E] of MoE layer i2 on the current state: the hidden state's (eager
-        path) or the graph path's device predictions (end_layer(pregate=)); None if neither has it."""
+        path; device=True leaves them on the backend's device) or the graph path's device
+        predictions (end_layer(pregate=)); None if neither has it."""
         if hidden is not None:
             logits = self.model.router_logits(self.store.layers[i2], hidden)
+            if device:
+                return logits
             lg = np.asarray(self.backend.to_host(logits), dtype=np.float64)
         elif self._pred is not None and 0 <= i2 - self._pred[0] - 1 < len(self._pred[1]):
             k = i2 - self._pred[0] - 1
@@ -352,9 +356,11 @@ class OffloadRuntime(ExpertProvider):
             return None
         return lg
 
-    def _predicted_next(self, i2: int, lg: np.ndarray) -> np.ndarray:
+    def _predicted_next(self, i2: int, lg, xp=np) -> np.ndarray:
         """The router's top-k of the next layer i2; kept to score it when i2 routes."""
-        top = pregate_topk(lg, self.store.A)
+        top = pregate_topk(lg, self.store.A, xp)
+        if xp is not np:
+            top = self.backend.to_host(top)
         self._pg_next = (i2, {int(e) for e in top})
         return top
 
@@ -380,14 +386,19 @@ class OffloadRuntime(ExpertProvider):
 
     def _plan_horizon(self, i: int, hidden) -> None:
         ev, st, S = self.policy.eviction, self.store, self.horizon.value
+        if self.T > 1:           # a prefill or batch: S follows each layer's measured compute
+            S = self.horizon.within_batch(ev.expected_count(), first=i == 0)
         if hidden is not None or self._pred is not None:
             pg = np.full((st.L, st.E), np.nan)
+            # a prompt's [T, E] logits are reduced where they are: only E values cross to the host
+            dev = hidden is not None and self.T > 1
+            xp = self.backend.xp if dev else np
             for l2 in range(i + 1, min(st.L, i + 1 + max(S, self.pregate_span))):
-                lg = self._router_probs(l2, hidden)
+                lg = self._router_probs(l2, hidden, device=dev)
                 if lg is not None:
-                    pg[l2] = pregate_probs(lg, st.A)
+                    pg[l2] = self.backend.to_host(pregate_probs(lg, st.A, xp)) if dev else pregate_probs(lg, st.A)
                     if l2 == i + 1:
-                        self._predicted_next(l2, lg)
+                        self._predicted_next(l2, lg, xp)
             ev.refresh(i, pg)
         P, d = ev.P, ev.d
         absent = self.cache.state == FREE                 # [L*E]
@@ -402,8 +413,10 @@ class OffloadRuntime(ExpertProvider):
             pf.request(l2, e, self.tick + int(d[l2]) - 1, -float(P[l2, e]))
         if pf.requests:
             T = ev.next_use()
+            # a prefill's layers each need most of their experts: a layer's worth may be in flight
+            bound = None if self.T == 1 else max(pf.max_inflight, math.ceil(ev.expected_count()))
             pf.pump(self.tick, protect=protect, worth=lambda f, v: v < 0 or T[f] < T[v],
-                    max_backlog=self._backlog_bytes())
+                    max_backlog=self._backlog_bytes(), max_inflight=bound)
         # still off the critical path (the device runs the segment queued before end_layer): the
         # predictor's forward pass for the next layer, so its begin_layer only applies the update
         self.policy.predictor.prepare((i + 1) % st.L)
