@@ -26,7 +26,7 @@ import time
 from .errors import EfError
 from .offload.cache import LRU, DecayedFrequency, LayerFrequency
 from .offload.policy import make_policy
-from .offload.runtime import replay_trace
+from .offload.replay import replay_trace
 from .offload.sim import Belady, Foresight, simulate, slots_for
 from .offload.trace import load
 

@@ -11,7 +11,7 @@ from efengine.offload.cache import LRU, ExpertCache
 from efengine.offload.policy import make_policy
 from efengine.offload.pool import SimDevicePool
 from efengine.offload.prefetch import ImmediateEngine, Prefetcher, ThreadEngine, VirtualClock, VirtualEngine
-from efengine.offload.runtime import replay_trace
+from efengine.offload.replay import replay_trace
 from efengine.offload.sim import simulate
 from efengine.offload.stats import OffloadStats
 from efengine.offload.store import NullStore

@@ -12,7 +12,7 @@ from efengine.errors import ConfigError  # noqa: E402
 from efengine.format import EfFile  # noqa: E402
 from efengine.model import Model  # noqa: E402
 from efengine.offload import OffloadRuntime, build_provider  # noqa: E402
-from efengine.offload.prefetch import ThreadEngine, VirtualEngine  # noqa: E402
+from efengine.offload.prefetch import ImmediateEngine, ThreadEngine, VirtualEngine  # noqa: E402
 from offload_helpers import greedy_logits  # noqa: E402
 
 
@@ -193,10 +193,16 @@ def test_expertflow_prefetches_a_prefills_experts_layers_ahead(models):
     ref = Model(ef, "numpy").forward(prompt, Model(ef, "numpy").new_cache(64))
     got = {}
     for policy in ("ondemand", "expertflow"):
-        rt, model = offloaded(ef, policy, slots=E + E // 2)
+        rt, model = offloaded(ef, policy, slots=E + E // 2, engine=ImmediateEngine())
         logits = model.forward(prompt, model.new_cache(64))
         assert np.array_equal(logits, ref), policy
         got[policy] = rt.summary()
+        if policy == "expertflow":        # decode a little, then a second prompt: its first layer's
+            cache = model.new_cache(64)   # experts are copied before it computes (no hidden state yet)
+            for t in prompt[:3]:
+                model.forward(np.array([t]), cache)
+            assert np.array_equal(model.forward(prompt, model.new_cache(64)), ref)
+            assert rt.stats.log[-1]["misses"] == 0
         rt.cache.check()
         rt.close()
     assert got["ondemand"]["misses"] == L * E

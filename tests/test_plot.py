@@ -77,7 +77,7 @@ def test_offload_bench_timed_timelines_and_plots(tmp_path, capsys):
     import inspect
 
     from efengine import offload_bench
-    from efengine.offload.runtime import replay_trace
+    from efengine.offload.replay import replay_trace
     if "timeline" not in inspect.signature(replay_trace).parameters:
         pytest.skip("this runtime does not record timelines yet (replay_trace(timeline=N))")
     rc = offload_bench.main(["--trace", "gsm8k_2", "--tokens", "12", "--cache", "0.5", "--policies",

@@ -13,7 +13,8 @@ import warnings
 
 from ..errors import ConfigError
 from .policy import POLICIES
-from .runtime import OffloadRuntime, replay_trace
+from .replay import replay_trace
+from .runtime import OffloadRuntime
 from .store import open_store, plan_tier
 
 # Host tier defaults on CUDA, from python -m efengine.host_bench --gb 4 on the H100 (99 MB blobs,

@@ -124,6 +124,14 @@ class ExpertflowEviction(Eviction):
         self._T = self._prot = None
         return self._P
 
+    def expect(self, pg: np.ndarray) -> None:
+        """A step of many tokens' chance of use [L, E] (NaN rows: none), outside refresh (a prompt's
+        first layers, before any hidden state): see _batch_rows."""
+        if self._due is not None:
+            self.refresh(self._due)
+        self._batch_rows(pg)
+        self._T = self._prot = None
+
     def _batch_rows(self, pg: np.ndarray) -> None:
         """Rows whose pre-gate expects more than top_k distinct experts (a step of many tokens: one
         token's expects at most top_k) take its count and, as the chance of use, at least the

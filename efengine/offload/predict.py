@@ -193,7 +193,7 @@ class HybridPredictor:
         and spread [d-1, j] (the column of each distance)."""
         got = self._cols.get(D)
         if got is None:
-            L, E, B = self.L, self.E, self.B
+            L, B = self.L, self.B
             cols = np.concatenate([self._bkt_d[:D], np.arange(B)])
             fold = np.concatenate([self._onehot[:D], np.eye(B)])                  # [D + B, B]
             spread = np.concatenate([np.eye(L)[:, :D], np.concatenate([np.zeros((D, B)), self._onehot[D:]])], axis=1)

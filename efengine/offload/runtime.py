@@ -38,9 +38,9 @@ from .cache import FREE, LRU, READY, ExpertCache
 from .horizon import Horizon
 from .policy import make_policy
 from .predict import pregate_probs, pregate_topk
-from .prefetch import ImmediateEngine, Prefetcher, ThreadEngine, VirtualClock, VirtualEngine
+from .prefetch import ImmediateEngine, Prefetcher, ThreadEngine
 from .stats import OffloadStats
-from .store import HostStore, NullStore
+from .store import HostStore
 from .timeline import TimelineRecorder
 
 
@@ -161,6 +161,8 @@ class OffloadRuntime(ExpertProvider):
         self._t_prev = None
         self._late_predicted = 0
         self._step_marks = (self.stats.prefetch_wasted, self.stats.prefetch_used)
+        if self.T > 1 and self.policy.prefetch == "horizon":
+            self._plan_prompt()
 
     def begin_layer(self, layer: int, ids):
         i = self.store.index.get(layer)
@@ -400,6 +402,28 @@ class OffloadRuntime(ExpertProvider):
                     if l2 == i + 1:
                         self._predicted_next(l2, lg, xp)
             ev.refresh(i, pg)
+        self._admit(ev, S)
+        # still off the critical path (the device runs the segment queued before end_layer): the
+        # predictor's forward pass for the next layer, so its begin_layer only applies the update
+        self.policy.predictor.prepare((i + 1) % st.L)
+
+    def _plan_prompt(self) -> None:
+        """A step of T tokens: its first layers have no hidden state to pre-gate yet, but T tokens
+        make most experts likely (any of them picks e with chance 1 - (1 - p)^T, p the one-token
+        prediction), so their copies start before the step's first layer computes."""
+        ev = self.policy.eviction
+        S = self.horizon.value
+        rows = ev.within(S)
+        if rows.size:
+            P = ev.P
+            pg = np.full(P.shape, np.nan)
+            pg[rows] = -np.expm1(self.T * np.log1p(-np.minimum(P[rows], 1.0 - 1e-12)))
+            ev.expect(pg)
+            self._admit(ev, S)
+
+    def _admit(self, ev, S: int) -> None:
+        """Request the protected experts within S that are absent and likely enough; start the best."""
+        st = self.store
         P, d = ev.P, ev.d
         absent = self.cache.state == FREE                 # [L*E]
         rows = ev.within(S)
@@ -417,9 +441,6 @@ class OffloadRuntime(ExpertProvider):
             bound = None if self.T == 1 else max(pf.max_inflight, math.ceil(ev.expected_count()))
             pf.pump(self.tick, protect=protect, worth=lambda f, v: v < 0 or T[f] < T[v],
                     max_backlog=self._backlog_bytes(), max_inflight=bound)
-        # still off the critical path (the device runs the segment queued before end_layer): the
-        # predictor's forward pass for the next layer, so its begin_layer only applies the update
-        self.policy.predictor.prepare((i + 1) % st.L)
 
     def _p_admit(self) -> float:
         """Least predicted probability worth a speculative copy: a copy that is not used costs the
@@ -469,47 +490,3 @@ def _make_pool(backend, source, store, n_slots: int, n_model_layers: int):
         return ExpertPool(ExpertLayout.of(source), n_slots, n_model_layers, store.E)
     from .pool import SimDevicePool
     return SimDevicePool(store, n_slots, n_model_layers)
-
-
-def replay_trace(trace, policy: str = "ondemand", *, fraction: float = 0.5, blob_nbytes: int = 94_000_000,
-                 bandwidth: float = 55e9, layer_s: float = 75e-6, max_inflight: int = 4,
-                 tokens: int | None = None, timeline: int = 0, **policy_kw) -> dict:
-    """Timed replay of a routing trace through the runtime on a virtual clock (no weights).
-
-    Each layer computes for layer_s (split evenly over its experts, so resident-first ordering
-    overlaps copies); copies take blob_nbytes / bandwidth on one FIFO copy queue. Pre-gate policies
-    have no hidden states here: pregate never prefetches and expertflow is history-only.
-    timeline > 0: the first `timeline` steps' compute / copy / stall intervals (virtual seconds)
-    are returned under "timeline"."""
-    store = NullStore(trace.n_layers, trace.n_experts, trace.top_k, blob_nbytes)
-    engine = VirtualEngine(bandwidth, clock=VirtualClock())
-    rt = OffloadRuntime(None, "numpy", policy=policy, fraction=fraction, store=store, engine=engine,
-                        max_inflight=max_inflight, keep_log=False, **policy_kw)
-    if timeline > 0:
-        rt.stats.timeline, rt.stats.timeline_steps = [], int(timeline)
-    n = trace.n_tokens if tokens is None else min(tokens, trace.n_tokens)
-    pos = np.zeros(1, dtype=np.int64)
-    clock = engine.clock
-    for t in range(n):
-        rt.begin_step(pos)
-        for l in range(trace.n_layers):
-            ids = trace.experts[t, l][None, :]
-            k = len(np.unique(ids))
-            _compute(rt, l, clock, layer_s / 2)                 # attention and router
-            for _ in rt.begin_layer(l, ids):
-                _compute(rt, l, clock, layer_s / 2 / k)
-            rt.end_layer(l)
-        rt.end_step()
-    out = rt.summary()
-    out["time_per_token_s"] = round(clock.now() / max(n, 1), 6)
-    if timeline > 0:
-        out["timeline"] = rt.stats.timeline
-    return out
-
-
-def _compute(rt: OffloadRuntime, layer: int, clock, seconds: float) -> None:
-    """Virtual compute of `seconds` (a timeline interval while recording)."""
-    t0 = clock.now()
-    clock.advance(seconds)
-    if rt._tl is not None:
-        rt._tl.compute(layer, t0, clock.now())
