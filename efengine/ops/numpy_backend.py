@@ -79,6 +79,7 @@ class QuantMatrix(NamedTuple):
 class NumpyBackend:
     name = "numpy"
     xp = np
+    act = "f16"         # the class default, for subclasses that do not call __init__
 
     def __init__(self, act: str = "f16"):
         self.act = act_int8.check_act(act)      # "f16": exact float32 products (the reference)
