@@ -11,6 +11,9 @@ prefill (T >= MOE_PREFILL_MIN_T) runs all experts of a layer in two grouped tens
 that dequantize in shared memory (moe_prefill, gpu_prefill.py), or per expert through fp16
 GEMMs where those kernels do not take the layout. Every op has its numpy twin in NumpyBackend
 (tests compare).
+act: how the GEMV / MoE kernels take activations for quantized weights: "f16" (fp16 pairs,
+hfma2) or "int8" (int8 codes a chunk of 32 with a float scale, dp4a; act_int8.py, whose twin is
+NumpyBackend(act="int8")). Prefill GEMMs are fp16 either way.
 The CUDA-graph decode path that needs no host round trip is gpu_decode.DecodeGraph.
 """
 from __future__ import annotations
@@ -21,12 +24,13 @@ from .. import quant
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..format import expert_layout
+from . import act_int8
 from . import gpu_ops as ops
 from . import gpu_prefill
 from .gpu_kernels import cupy
 from .gpu_weights import ExpertHandle, ExpertLayout, GpuWeight, make_weight, upload_blob
 
-SMALL_T = 8     # up to this many tokens a linear uses the GEMV kernels
+SMALL_T = act_int8.MAX_ROWS     # up to this many tokens (8) a linear uses the GEMV kernels
 
 
 def device_bytes(raw):
@@ -39,8 +43,9 @@ class CupyBackend:
     xp = cupy
     MOE_PREFILL_MIN_T = SMALL_T + 1     # Model._moe hands steps this long to moe_prefill
 
-    def __init__(self):
+    def __init__(self, act: str = "f16"):
         self._layouts: dict[int, ExpertLayout] = {}
+        self.act = act_int8.check_act(act)
 
     # ---- transfers and weights --------------------------------------------------------------
     def asarray(self, a):
@@ -84,7 +89,7 @@ class CupyBackend:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, W.K)
         if x2.shape[0] <= SMALL_T:
-            y = ops.linear_small(x2, W)
+            y = ops.linear_small(x2, W, self.act)
         else:
             y = ops.matmul_f16(x2, W.f16())
         return y.reshape(*lead, W.N)
@@ -139,7 +144,7 @@ class CupyBackend:
             return self._expert_gemm(x, h)
         gate, up, down = (ops.Mat.of_part(lay.parts[p]) for p in ("gate", "up", "down"))
         src = ops.Experts(base=h.base)
-        return _expert_pairs(src, gate, up, down, T, 1, x, None)
+        return _expert_pairs(src, gate, up, down, T, 1, x, None, self.act)
 
     def _expert_gemm(self, x, h: ExpertHandle):
         """Prefill: fp16 GEMMs; quantized gate and up are widened into one [2I, D] matrix (one GEMM)."""
@@ -187,16 +192,16 @@ def _f32_blob(w: dict):
     return ExpertLayout(places, nbytes), cupy.asarray(blob)
 
 
-def _expert_pairs(src, gate, up, down, P: int, A: int, x, rw):
+def _expert_pairs(src, gate, up, down, P: int, A: int, x, rw, act: str = "f16"):
     """Routed-expert FFN of P (token, rank) pairs through the MoE kernels -> y [P, D]."""
     T, D = x.shape
     prep = None
     if gate.qtype in ("q4", "q8"):
-        prep = ops.XPrep(T, D, gate.Kp)
+        prep = ops.XPrep(T, D, gate.Kp, act)
         ops.rows_prep(x, D, prep=prep)
     I = gate.N
     h = cupy.empty((P, I), dtype=cupy.float32)
-    hprep = ops.XPrep(P, I, max(down.Kp, ops.cdiv(I, 32) * 32)) if down.qtype in ("q4", "q8") else None
+    hprep = ops.XPrep(P, I, max(down.Kp, ops.cdiv(I, 32) * 32), act) if down.qtype in ("q4", "q8") else None
     ops.moe_gateup(src, gate, up, P, A, x, prep, h, hprep)
     y = cupy.empty((P, D), dtype=cupy.float32)
     ops.moe_down(src, down, P, h, hprep, rw, y)

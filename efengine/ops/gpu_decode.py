@@ -14,6 +14,8 @@ routers' choices reach the MoE kernels through device memory only. Per layer (Mo
 and the next rows_prep adds the A expert buffers in rank order (the numpy model's order).
 Supported: GQA without qk-norm (Mixtral, Qwen1.5/2-MoE with bias and shared experts, dense
 layers, Llama). Other configs raise ConfigError; use Model.forward for them.
+act ("f16" | "int8", default: the backend's): the format of every activation prep, so of how the
+kernels of quantized matrices take x (fp16 pairs or int8 codes with dp4a; act_int8.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import gpu_ops as ops
+from .act_int8 import check_act
 from .gpu_kernels import addr, cupy
 from .gpu_weights import ExpertPool, GpuWeight
 
@@ -32,8 +35,9 @@ def _dense_src() -> ops.Experts:
 class DecodeGraph:
     """One greedy decode step of `model` (backend cupy) as a replayable CUDA graph."""
 
-    def __init__(self, model, pool: ExpertPool | None, cache):
+    def __init__(self, model, pool: ExpertPool | None, cache, act: str | None = None):
         cfg = self.cfg = model.cfg
+        self.act = check_act(act if act is not None else getattr(model.backend, "act", "f16"))
         if model.backend.name != "cupy":
             raise ConfigError("DecodeGraph needs a model on the cupy backend")
         if cfg.attention != "gqa" or cfg.qk_norm:
@@ -89,9 +93,9 @@ class DecodeGraph:
         KXD = max([ops.prep_len(D)] + [W.Kp for W in mats if W.quantized])
         if self.pool is not None:
             KXD = max(KXD, self.pool.layout.parts["gate"].Kp)
-        self.prepD = ops.XPrep(1, D, KXD)
+        self.prepD = ops.XPrep(1, D, KXD, self.act)
         Wo = m.layers[0]["attn_output"]
-        self.prepO = ops.XPrep(1, Wo.K, ops.prep_len(Wo.K, *[L["w"]["attn_output"] for L in self.layers]))
+        self.prepO = ops.XPrep(1, Wo.K, ops.prep_len(Wo.K, *[L["w"]["attn_output"] for L in self.layers]), self.act)
         self.lm_desc = ops.gemv_desc([(m.lm_head, self.logits, None, False)])
         if self.pool is not None:
             lay = self.pool.layout
@@ -102,7 +106,7 @@ class DecodeGraph:
             self.hbuf = cupy.zeros((A, I), dtype=cupy.float32)
             self.ybuf = cupy.zeros((A, D), dtype=cupy.float32)
             quant_down = self.down.qtype in ("q4", "q8")
-            self.hprep = ops.XPrep(A, I, max(self.down.Kp, ops.cdiv(I, 32) * 32)) if quant_down else None
+            self.hprep = ops.XPrep(A, I, max(self.down.Kp, ops.cdiv(I, 32) * 32), self.act) if quant_down else None
         F = self._ffn_width()
         if F:
             self.fbuf = cupy.zeros((1, F), dtype=cupy.float32)
@@ -110,7 +114,7 @@ class DecodeGraph:
             self.sg = cupy.zeros(1, dtype=cupy.float32)
             downs = [L["w"].get("ffn_down_shexp", L["w"].get("ffn_down")) for L in self.layers]
             kx = max([ops.cdiv(F, 32) * 32] + [W.Kp for W in downs if W is not None and W.quantized])
-            self.fprep = ops.XPrep(1, F, kx)
+            self.fprep = ops.XPrep(1, F, kx, self.act)
 
     def _ffn_width(self) -> int:
         widths = set()

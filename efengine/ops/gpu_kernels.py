@@ -23,6 +23,7 @@ except ImportError:          # importable without CuPy; only launching needs it
 KERNEL_DIR = Path(__file__).parent / "kernels"
 MODULES = {
     "gemv": ("common.cuh", "dot.cuh", "stream.cuh", "gemv.cu"),
+    "moe": ("common.cuh", "dot.cuh", "stream.cuh", "moe.cu"),
     "attn": ("common.cuh", "attn.cu"),
     "misc": ("common.cuh", "misc.cu"),
     "offload": ("offload.cu",),
@@ -34,6 +35,9 @@ LAUNCHES = [0]          # kernels launched through launch() (the bench counts a 
 
 # weight type codes shared with the kernels (common.cuh)
 WT = {"f32": 0, "f16": 1, "bf16": 2, "q4": 4, "q8": 8}
+# activation prep formats of quantized weights' kernels (common.cuh ACT_*): code, kernel name suffix
+ACT = {"f16": 0, "int8": 1}
+ACT_SUFFIX = {"f16": "", "int8": "_i8"}
 
 
 def source(module: str) -> str:

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .gpu_kernels import addr, cdiv, cupy, f32, i32, i64, launch, ptr, resident_blocks, u64
+from .act_int8 import check_act
+from .gpu_kernels import ACT, ACT_SUFFIX, addr, cdiv, cupy, f32, i32, i64, launch, ptr, resident_blocks, u64
 from .gpu_weights import GpuWeight, PartPlace
 
 GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
@@ -33,22 +34,41 @@ def _f32c(a, what: str):
 
 
 class XPrep:
-    """Prepared activations of R rows for quantized weights of row length <= KX (see common.cuh)."""
+    """Prepared activations of R rows for quantized weights of row length <= KX (see common.cuh).
 
-    def __init__(self, R: int, K: int, KX: int):
+    act "f16": xh [R, KX] fp16 values in the kernels' order, xs chunk sums, xc 1 / chunk scale;
+    act "int8": int8 codes in the first KX bytes of each row of xh (same row addresses), xs the
+    chunks' code sums, xc their scales d (act_int8.py). The kernels that read or write a prep take
+    its format from here (gemv_launch, router, moe_gateup, moe_down, attention, rows_prep)."""
+
+    def __init__(self, R: int, K: int, KX: int, act: str = "f16"):
         if KX % 32 or KX < K:
             raise ConfigError(f"prepared length {KX} must be a multiple of 32 and >= K={K}")
-        self.R, self.K, self.KX = R, K, KX
+        self.R, self.K, self.KX, self.act = R, K, KX, check_act(act)
         self.xh = cupy.zeros((R, KX), dtype=cupy.uint16)
         self.xs = cupy.zeros((R, KX // 32), dtype=cupy.float32)
-        self.xc = cupy.ones((R, KX // 32), dtype=cupy.float32)
+        # chunks no kernel writes (past a row's K) stand for zeros: scale 1 (fp16), d = 0 (int8)
+        self.xc = (cupy.ones if act == "f16" else cupy.zeros)((R, KX // 32), dtype=cupy.float32)
         self.cnt = cupy.zeros((R, KX // 32), dtype=cupy.int32)   # chunk completion (moe_gateup)
 
     def rows(self, r0: int, r1: int) -> "XPrep":
         v = XPrep.__new__(XPrep)
-        v.R, v.K, v.KX = r1 - r0, self.K, self.KX
+        v.R, v.K, v.KX, v.act = r1 - r0, self.K, self.KX, self.act
         v.xh, v.xs, v.xc, v.cnt = self.xh[r0:r1], self.xs[r0:r1], self.xc[r0:r1], self.cnt[r0:r1]
         return v
+
+    def i8_bytes(self):
+        """act "int8": the codes as uint8 [R, KX] in the kernels' byte order (act_int8.kernel_bytes)."""
+        return self.xh.view(cupy.uint8)[:, : self.KX]
+
+
+def _suffix(quantized: bool, prep: XPrep | None) -> str:
+    """Kernel name suffix of a quantized weight's kernel reading `prep` ("" for float weights)."""
+    return ACT_SUFFIX[prep.act] if quantized and prep is not None else ""
+
+
+def _act(prep: XPrep | None) -> np.int32:
+    return i32(0 if prep is None else ACT[prep.act])
 
 
 def prep_len(K: int, *weights) -> int:
@@ -73,7 +93,7 @@ def rows_prep(h, K: int, *, ybuf=None, A: int = 0, add2=None, add2_gate=None, nw
     launch("gemv", "rows_prep", (R, cdiv(chunks, 8)), (256,),
            (h, ptr(hout), i32(ldh), i32(K), ptr(ybuf), i32(A), ptr(add2), ptr(add2_gate), ptr(nw), f32(eps), ptr(x32),
             ptr(None if prep is None else prep.xh), ptr(None if prep is None else prep.xs),
-            ptr(None if prep is None else prep.xc), i32(0 if prep is None else prep.KX)))
+            ptr(None if prep is None else prep.xc), i32(0 if prep is None else prep.KX), _act(prep)))
 
 
 # ---- GEMV ------------------------------------------------------------------------------------
@@ -108,7 +128,7 @@ def gemv_launch(desc, weights: list, T: int, x32, prep: XPrep | None) -> None:
         KX, ldx = 0, W.K
     rw = GEMV_RW[T]
     ntasks = sum(cdiv(w.N, rw) for w in weights)
-    name = f"gemv_{W.qtype}_t{T}"
+    name = f"gemv_{W.qtype}_t{T}{_suffix(W.quantized, prep)}"
     grid = min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256))
     launch("gemv", name, (grid,), (256,),
            (desc, i32(len(weights)), i32(ntasks), i32(W.K), i32(W.Kp), i32(W.gshift), ptr(x32), i32(ldx), ptr(xh),
@@ -125,14 +145,15 @@ def token_chunks(T: int):
     return out
 
 
-def linear_small(x, W: GpuWeight):
-    """y [T, N] = x [T, K] @ W.T for T <= a few tokens, through the GEMV kernels."""
+def linear_small(x, W: GpuWeight, act: str = "f16"):
+    """y [T, N] = x [T, K] @ W.T for T <= a few tokens, through the GEMV kernels (quantized W:
+    activations prepared in format `act`)."""
     T = x.shape[0]
     x = _f32c(cupy.ascontiguousarray(x), "linear x")
     y = cupy.empty((T, W.N), dtype=cupy.float32)
     prep = None
     if W.quantized:
-        prep = XPrep(T, W.K, W.Kp)
+        prep = XPrep(T, W.K, W.Kp, act)
         rows_prep(x, W.K, prep=prep)
     for t0, n in token_chunks(T):
         desc = gemv_desc([(W, y[t0:t0 + n], None, False)])
@@ -199,7 +220,7 @@ def router(W: GpuWeight, T: int, x32, prep: XPrep | None, cfg: ModelConfig, ids,
     if extra is not None and (extra.qtype, extra.K, extra.group) != (W.qtype, W.K, W.group):
         raise ConfigError("router: the shared-expert gate must share the router's type and group")
     q = None if prep is None else prep
-    launch("gemv", f"router_{W.qtype}", (T,), (1024,),
+    launch("gemv", f"router_{W.qtype}{_suffix(W.quantized, prep)}", (T,), (1024,),
            (u64(W.ptr("q")), u64(W.ptr("s")), u64(W.ptr("m")),
             u64(0 if extra is None else extra.ptr("q")), u64(0 if extra is None else extra.ptr("s")),
             u64(0 if extra is None else extra.ptr("m")), i32(W.K), i32(W.Kp), i32(W.gshift),
@@ -243,7 +264,8 @@ class Experts:
 
 def moe_gateup(src: Experts, gate: Mat, up: Mat, P: int, A: int, x32, prep: XPrep | None,
                hout, hprep: XPrep | None) -> None:
-    """hout [P, I] = silu(gate x) * up x for every (token, rank) pair; hprep its xprep (or None)."""
+    """hout [P, I] = silu(gate x) * up x for every (token, rank) pair; hprep its xprep (or None; its
+    format is hprep.act, that of the down projection's prep)."""
     if (gate.qtype, gate.N, gate.K, gate.Kp) != (up.qtype, up.N, up.K, up.Kp):
         raise ConfigError("moe_gateup: gate and up must match")
     if gate.qtype in ("q4", "q8") and (prep is None or prep.KX < gate.Kp):
@@ -252,16 +274,16 @@ def moe_gateup(src: Experts, gate: Mat, up: Mat, P: int, A: int, x32, prep: XPre
         raise ConfigError(f"moe_gateup: hout must be [>= {P}, {gate.N}] float32")
     if hprep is not None and (hprep.KX < cdiv(gate.N, 32) * 32 or hprep.R < P):
         raise ConfigError("moe_gateup: hprep too short")
-    name = f"moe_gateup_{gate.qtype}"
+    name = f"moe_gateup_{gate.qtype}{_suffix(gate.qtype in ('q4', 'q8'), prep)}"
     ntasks = P * cdiv(gate.N, 2)
-    launch("gemv", name, (min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256)),), (256,),
+    launch("moe", name, (min(cdiv(ntasks, 8), resident_blocks("moe", name, 256)),), (256,),
            (i32(ntasks), ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
             u64(gate.q), u64(gate.s), u64(gate.m), u64(up.q), u64(up.s), u64(up.m),
             i32(gate.N), i32(gate.K), i32(gate.Kp), i32(gate.gshift), i32(A),
             ptr(x32), i32(gate.K), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
             i32(0 if prep is None else prep.KX), hout, i32(hout.strides[0] // 4),
             ptr(hprep and hprep.xh), ptr(hprep and hprep.xs), ptr(hprep and hprep.xc),
-            i32(0 if hprep is None else hprep.KX), ptr(hprep and hprep.cnt)))
+            i32(0 if hprep is None else hprep.KX), ptr(hprep and hprep.cnt), _act(hprep)))
 
 
 def moe_down(src: Experts, down: Mat, P: int, h32, hprep: XPrep | None, rw, y) -> None:
@@ -272,9 +294,9 @@ def moe_down(src: Experts, down: Mat, P: int, h32, hprep: XPrep | None, rw, y) -
         raise ConfigError("moe_down: float experts need h [P, I] float32")
     if y.shape[0] < P or y.shape[1] != down.N:
         raise ConfigError(f"moe_down: y must be [>= {P}, {down.N}]")
-    name = f"moe_down_{down.qtype}"
+    name = f"moe_down_{down.qtype}{_suffix(down.qtype in ('q4', 'q8'), hprep)}"
     ntasks = P * cdiv(down.N, 2)
-    launch("gemv", name, (min(cdiv(ntasks, 8), resident_blocks("gemv", name, 256)),), (256,),
+    launch("moe", name, (min(cdiv(ntasks, 8), resident_blocks("moe", name, 256)),), (256,),
            (i32(ntasks), ptr(src.ids), u64(src.table), i32(src.E), ptr(src.err), u64(src.base), i64(src.stride),
             u64(down.q), u64(down.s), u64(down.m), i32(down.N), i32(down.K), i32(down.Kp), i32(down.gshift),
             h32, i32(h32.strides[0] // 4), ptr(hprep and hprep.xh), ptr(hprep and hprep.xs),
@@ -314,8 +336,8 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
     """Causal attention: q [T, H, dq] (any strides, last axis contiguous), k [S, G, dq], v [S, G, dv].
 
     pos0: int, or a device int32 [1] (graph replays). S (keys the launch may cover) defaults to
-    k.shape[0]. Returns out [T, H, dv] float32; with prep (dv % 32 == 0) also the xprep of out's
-    rows [T, H*dv] for a quantized o projection.
+    k.shape[0]. Returns out [T, H, dv] float32; with prep (dv % 32 == 0) also the xprep (format
+    prep.act) of out's rows [T, H*dv] for a quantized o projection.
     """
     T, H, dq = q.shape
     Sk, G, dk = k.shape
@@ -345,7 +367,7 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
            (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(dq), i32(dv),
             pos0, f32(scale), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
             ptr(work and work.counters), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
-            i32(0 if prep is None else prep.KX)), shared=shared)
+            i32(0 if prep is None else prep.KX), _act(prep)), shared=shared)
     return out
 
 

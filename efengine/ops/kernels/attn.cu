@@ -12,10 +12,11 @@
 // number of splits stays one launch. pos0 (position of token 0) is read from device memory so a
 // captured graph replays at every position. Query t sees keys 0 .. pos0 + t. ATT_QW query rows
 // a warp: 4 share the key tiles (prefill), 1 spreads a decode step's few rows over all warps.
-// With oxh (dv a multiple of 32), the warp that writes a row also writes its xprep: out is
-// [T, H*dv] rows, chunk c of token t's row holds out[t, 32c .. 32c+31] (the o projection's input).
+// With oxh (dv a multiple of 32), the warp that writes a row also writes its xprep (format oact,
+// common.cuh): out is [T, H*dv] rows, chunk c of token t's row holds out[t, 32c .. 32c+31] (the o
+// projection's input).
 __device__ __forceinline__ void out_row(float* out, int t, int h, int H, int dv, const float (&o)[ATT_DV],
-                                        u16* oxh, float* oxs, float* oxc, int OKX) {
+                                        u16* oxh, float* oxs, float* oxc, int OKX, int oact) {
     const int lane = threadIdx.x & 31;
     const i64 base = ((i64)t * H + h) * dv;
 #pragma unroll
@@ -23,6 +24,16 @@ __device__ __forceinline__ void out_row(float* out, int t, int h, int H, int dv,
         if (lane + 32 * c < dv) out[base + lane + 32 * c] = o[c];
     if (oxh == nullptr) return;
     const int ncx = OKX >> 5;
+    if (oact == ACT_I8) {                                  // two loops: fewer registers than a branch a chunk
+#pragma unroll
+        for (int c = 0; c < ATT_DV; ++c) {
+            if (32 * c < dv) {                             // warp-uniform
+                const int ch = (h * dv) / 32 + c;
+                prep_chunk_i8(o[c], (u8*)(oxh + (i64)t * OKX), ch, oxs + (i64)t * ncx + ch, oxc + (i64)t * ncx + ch);
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int c = 0; c < ATT_DV; ++c) {
         if (32 * c < dv) {                                 // warp-uniform
@@ -91,7 +102,8 @@ __device__ __forceinline__ void load_tile(const float* k, const float* v, float*
 template <int ATT_QW, int HD>
 __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v,
           float* out, int T, int H, int G, int dq, int dv, const int* pos0p, float scale,
-          float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX) {
+          float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX,
+          int oact) {
     extern __shared__ float sm[];
     __shared__ int is_last;
     if (HD) { dq = HD; dv = HD; }
@@ -179,7 +191,7 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
             float o[ATT_DV];
 #pragma unroll
             for (int c = 0; c < ATT_DV; ++c) o[c] = acc[a][c] / l_[a];
-            out_row(out, row / R, g * R + row % R, H, dv, o, oxh, oxs, oxc, OKX);
+            out_row(out, row / R, g * R + row % R, H, dv, o, oxh, oxs, oxc, OKX, oact);
         }
         return;
     }
@@ -237,17 +249,17 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
         }
 #pragma unroll
         for (int c = 0; c < ATT_DV; ++c) o[c] = o[c] / L;
-        out_row(out, row / R, g * R + row % R, H, dv, o, oxh, oxs, oxc, OKX);
+        out_row(out, row / R, g * R + row % R, H, dv, o, oxh, oxs, oxc, OKX, oact);
     }
 }
 
 #define ATT_ARGS const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out, int T, int H, \
     int G, int dq, int dv, const int* pos0p, float scale, float* ws_m, float* ws_l, float* ws_acc, \
-    int* counters, u16* oxh, float* oxs, float* oxc, int OKX
+    int* counters, u16* oxh, float* oxs, float* oxc, int OKX, int oact
 #define ATT_INST(NAME, QW, HD) \
     extern "C" __global__ void __launch_bounds__(128) NAME(ATT_ARGS) { \
         attention_body<QW, HD>(q, ldq_t, ldq_h, k, v, out, T, H, G, dq, dv, pos0p, scale, ws_m, ws_l, ws_acc, \
-                           counters, oxh, oxs, oxc, OKX); }
+                           counters, oxh, oxs, oxc, OKX, oact); }
 ATT_INST(attention_q1, 1, 0)
 ATT_INST(attention_q4, 4, 0)
 ATT_INST(attention_q1_d64, 1, 64)

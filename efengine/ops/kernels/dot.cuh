@@ -9,6 +9,8 @@
 //   q4: w = s*q + m = s*(q-8) + (m+8s)   ->  chunk = s*sum((q-8)x) + (m+8s)*sum(x)
 //   q8: w = s*q                           ->  chunk = s*sum(q x)
 // Centring q4 codes keeps the fp16 partial sums small (better rounding, no cancellation).
+// With int8 activations (ACT_I8, common.cuh) a chunk is two exact integer sums (dp4a) and float
+// scaling:  q4: chunk = d * (s * sum(q xq) + m * sum(xq)),  q8: chunk = d * s * sum(q xq).
 
 // 32 q4 codes -> 16 half2 of (code - 8), pairs (k0,k4) (k1,k5) (k2,k6) (k3,k7) of each 8
 __device__ __forceinline__ void q4_decode(const uint4 w, u32 p[16]) {
@@ -42,6 +44,69 @@ __device__ __forceinline__ void q8_decode(const uint4 a, const uint4 b, u32 p[16
         p[4 * j + 2] = hsub2(__byte_perm(hi, M, 0x4140), BIAS);
         p[4 * j + 3] = hsub2(__byte_perm(hi, M, 0x4342), BIAS);
     }
+}
+
+// sum of 4 byte products plus c: a's bytes unsigned (q4 nibbles), or signed (q8 codes); b's signed
+__device__ __forceinline__ int dp4a_us(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// the int8 codes of chunk c of one token's row (xrow: the row's start, as for the fp16 prep): 8
+// words, even / odd k of each 8 values in alternate words (common.cuh)
+__device__ __forceinline__ void load_xchunk_i8(const u16* xrow, int c, u32 xv[8]) {
+    const uint4* p = (const uint4*)((const u8*)xrow + 32 * (i64)c);
+    const uint4 a = ld_nc4(p), b = ld_nc4(p + 1);
+    xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+    xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+}
+
+// sum over one chunk of q4 codes (w: 32 codes) times its int8 activations xv, exact: 8 dp4a and
+// 9 bit operations. A high nibble is taken in place (16 q, unsigned bytes): s1 = 16 * its sum.
+__device__ __forceinline__ int q4_dot_i8(const uint4 w, const u32 xv[8]) {
+    const u32 ws[4] = {w.x, w.y, w.z, w.w};
+    int s0 = 0, s1 = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        s0 = dp4a_us(ws[j] & 0x0F0F0F0Fu, xv[2 * j], s0);        // k 8j, 8j+2, 8j+4, 8j+6
+        s1 = dp4a_us(ws[j] & 0xF0F0F0F0u, xv[2 * j + 1], s1);    // k 8j+1, 8j+3, ... (times 16)
+    }
+    return s0 + (s1 >> 4);
+}
+
+// a chunk's int8 activations in k order (for q8 codes, which are stored in k order): once per
+// chunk and token, shared by the rows
+__device__ __forceinline__ void x_korder(const u32 xv[8], u32 xn[8]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        xn[2 * j] = __byte_perm(xv[2 * j], xv[2 * j + 1], 0x5140);       // x0 x1 x2 x3
+        xn[2 * j + 1] = __byte_perm(xv[2 * j], xv[2 * j + 1], 0x7362);   // x4 x5 x6 x7
+    }
+}
+
+// the same for 32 int8 codes in k order (two 16-byte loads) and activations in k order (x_korder)
+__device__ __forceinline__ int q8_dot_i8(const uint4 a, const uint4 b, const u32 xn[8]) {
+    const u32 ws[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    int s0 = 0, s1 = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+        s0 = dp4a_ss(ws[j], xn[j], s0);
+        s1 = dp4a_ss(ws[j + 1], xn[j + 1], s1);
+    }
+    return s0 + s1;
+}
+
+// the exact integer sum of one chunk of row weights (w[0], w[NL - 1]: its loads) with activations
+// xv (kernel order) / xn (k order, q8 only)
+template <int WT>
+__device__ __forceinline__ int chunk_dot_i8(const uint4 w0, const uint4 w1, const u32 xv[8], const u32 xn[8]) {
+    return WT == WT_Q4 ? q4_dot_i8(w0, xv) : q8_dot_i8(w0, w1, xn);
 }
 
 // the prepared fp16 activations of chunk c of one token's row (4 planes: 16 packed pairs)
@@ -94,8 +159,8 @@ __device__ __forceinline__ int row_units(int wt, int K, int Kp) {
 }
 
 // acc[r][t] += (this lane's share of units u0 .. u1-1 of) row r . x of token t.
-// Quantized WT read xh/xs/xc (KX values a token); float WT read x32 (ldx a token).
-template <int WT, int T, int RW, int U>
+// Quantized WT read xh/xs/xc (KX values a token, prep format ACT); float WT read x32 (ldx a token).
+template <int WT, int T, int RW, int U, int ACT = ACT_F16>
 __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* const sr[RW], const u16* const mr[RW],
                                          const int K, const int Kp, const int gshift,
                                          const float* __restrict__ x32, const int ldx,
@@ -126,6 +191,21 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
                     const int g = c >> gshift;
 #pragma unroll
                     for (int r = 0; r < RW; ++r) {
+                        if (ACT == ACT_I8) {
+                            const float sc = h2f(__ldg(sr[r] + g));
+                            const float mc = WT == WT_Q4 ? h2f(__ldg(mr[r] + g)) : 0.0f;
+#pragma unroll
+                            for (int t = 0; t < T; ++t) {
+                                u32 xv[8], xn[8];
+                                load_xchunk_i8(xh + (i64)t * KX, c, xv);
+                                if (WT == WT_Q8) x_korder(xv, xn);
+                                const int dot = chunk_dot_i8<WT>(w[u][r][0], w[u][r][NL - 1], xv, xn);
+                                const float xd = __ldg(xc + t * ncx + c);
+                                acc[r][t] += xd * (WT == WT_Q4 ? sc * (float)dot + mc * __ldg(xs + t * ncx + c)
+                                                               : sc * (float)dot);
+                            }
+                            continue;
+                        }
                         u32 p[16];
                         if (WT == WT_Q4) q4_decode(w[u][r][0], p);
                         else q8_decode(w[u][r][0], w[u][r][NL - 1], p);

@@ -1,6 +1,8 @@
 // Matrix-vector products for decode and small batches (T <= 8), reading weights straight from
-// their stored layout, plus the kernels that feed them (rows_prep) and the MoE and router
-// kernels built on the same row dot products (dot.cuh). Pasted after common.cuh and dot.cuh.
+// their stored layout, plus the kernels that feed them (rows_prep) and the router kernels built on
+// the same row dot products (dot.cuh); the MoE kernels are in moe.cu. Pasted after common.cuh,
+// dot.cuh and stream.cuh. Kernels of quantized weights come in two prep formats: fp16 activations
+// (NAME) and int8 activations (NAME_i8, dp4a; common.cuh).
 
 // h[r, k] after the residual update: hin + ((ybuf[r,0,k] + ... + ybuf[r,A-1,k]) + g * add2[r,k])
 // (rank order, as NumpyBackend.moe_combine then `out + shared`; ybuf rows are already weighted)
@@ -26,11 +28,12 @@ __device__ __forceinline__ float updated(const float* hr, int k, int K, int r, c
 //     blocks still read hin)
 //  2. RMSNorm (nw): x32[r] = nw * (h * (1 / sqrt(mean(h^2) + eps))); every block sums the whole
 //     row itself (it is small and in L2), so no grid-wide synchronization is needed
-//  3. xprep (xh) of the normed (or plain) row: xh [R, KX], xs / xc [R, KX/32]
+//  3. xprep (xh) of the normed (or plain) row: xh [R, KX], xs / xc [R, KX/32], in format act
 #define RP_N 32      // row values a rows_prep thread holds (K <= 32 * blockDim; longer rows loop)
 extern "C" __global__ void __launch_bounds__(256)
 rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int A, const float* add2,
-          const float* add2_gate, const float* nw, float eps, float* x32, u16* xh, float* xs, float* xc, int KX) {
+          const float* add2_gate, const float* nw, float eps, float* x32, u16* xh, float* xs, float* xc, int KX,
+          int act) {
     __shared__ float red[32];
     const int r = blockIdx.x;
     const float* hr = hin + (i64)r * ldh;
@@ -105,7 +108,7 @@ rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int 
     }
     if (xh != nullptr && (c << 5) < KX) {
         const int ncx = KX >> 5;
-        prep_chunk(v, xh + (i64)r * KX, c, ncx, xs + (i64)r * ncx + c, xc + (i64)r * ncx + c);
+        prep_chunk_act(act, v, xh + (i64)r * KX, c, ncx, xs + (i64)r * ncx + c, xc + (i64)r * ncx + c);
     }
 }
 
@@ -200,20 +203,26 @@ struct GemvF {
                   const u16* xh, const float* xs, const float* xc, int KX
 // MB: blocks of 256 an SM a kernel must fit (__launch_bounds__; 0: ptxas picks). Named where ptxas'
 // own pick spilled or missed a block by a few registers; all checked spill-free (nvcc_check.sh).
-#define GEMV_INST(NAME, WT, T, RW, U, MB) \
+#define GEMV_INST(NAME, WT, ACT, T, RW, U, MB) \
     extern "C" __global__ void __launch_bounds__(256, MB) NAME(GEMV_ARGS) { \
         GemvF<RW, T> f; \
         f.desc = desc; f.nmat = nmat; f.wt = WT; f.K = K; f.Kp = Kp; f.gshift = gshift; f.KX = KX; \
         f.x32 = x32; f.xh = xh; f.xs = xs; f.xc = xc; \
-        run_tasks<WT, T, RW, U>(f, ntasks, K, Kp, gshift, ldx, KX); }
+        run_tasks<WT, T, RW, U, ACT>(f, ntasks, K, Kp, gshift, ldx, KX); }
 #define GEMV_ALL_T(WTN, WT, U1, MB1, MB2) \
-    GEMV_INST(gemv_##WTN##_t1, WT, 1, 2, U1, MB1) GEMV_INST(gemv_##WTN##_t2, WT, 2, 2, 1, MB2) \
-    GEMV_INST(gemv_##WTN##_t4, WT, 4, 2, 1, 0) GEMV_INST(gemv_##WTN##_t8, WT, 8, 1, 1, 0)
+    GEMV_INST(gemv_##WTN##_t1, WT, ACT_F16, 1, 2, U1, MB1) GEMV_INST(gemv_##WTN##_t2, WT, ACT_F16, 2, 2, 1, MB2) \
+    GEMV_INST(gemv_##WTN##_t4, WT, ACT_F16, 4, 2, 1, 0) GEMV_INST(gemv_##WTN##_t8, WT, ACT_F16, 8, 1, 1, 0)
 GEMV_ALL_T(f32, WT_F32, 1, 0, 0)
 GEMV_ALL_T(f16, WT_F16, 2, 0, 5)
 GEMV_ALL_T(bf16, WT_BF16, 2, 0, 0)
 GEMV_ALL_T(q4, WT_Q4, 2, 4, 0)
 GEMV_ALL_T(q8, WT_Q8, 2, 3, 2)
+// int8 activations: U chunks a lane a group and min blocks an SM per T (1, 2, 4, 8)
+#define GEMV_ALL_T_I8(WTN, WT, U1, MB1, MB2, MB4, MB8) \
+    GEMV_INST(gemv_##WTN##_t1_i8, WT, ACT_I8, 1, 2, U1, MB1) GEMV_INST(gemv_##WTN##_t2_i8, WT, ACT_I8, 2, 2, 1, MB2) \
+    GEMV_INST(gemv_##WTN##_t4_i8, WT, ACT_I8, 4, 2, 1, MB4) GEMV_INST(gemv_##WTN##_t8_i8, WT, ACT_I8, 8, 1, 1, MB8)
+GEMV_ALL_T_I8(q4, WT_Q4, 2, 4, 0, 0, 0)
+GEMV_ALL_T_I8(q8, WT_Q8, 2, 4, 4, 0, 0)
 
 // ---- routing -------------------------------------------------------------------------------
 #define ROUTE_PER_LANE 16      // up to 512 experts
@@ -333,7 +342,7 @@ extern "C" __global__ void route_kernel(const float* logits, int T, int E, int A
 // shared-expert gate `xq`), then warp 0 routes. logits_out [T, E] and extra_out [T] may be null.
 // One block of 32 warps; a row is split into S slices of K when there are fewer rows than warps,
 // so many loads are in flight even for 8 experts; slices are summed in a fixed order.
-template <int WT>
+template <int WT, int ACT>
 __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16* m, const u8* xq, const u16* xs_,
                                             const u16* xm, int K, int Kp, int gshift,
                                             const float* x32, int ldx, const u16* xh, const float* xs,
@@ -353,7 +362,7 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
         if (row < E) row_ptrs<1>(WT, q, s, m, row, E, K, Kp, gshift, qr, sr, mr);
         else row_ptrs<1>(WT, xq, xs_, xm, 0, 1, K, Kp, gshift, qr, sr, mr);
         float acc[1][1] = {{0.0f}};
-        dot_rows<WT, 1, 1, 2>(qr, sr, mr, K, Kp, gshift, x32 + (i64)t * ldx, ldx, xh + (i64)t * KX,
+        dot_rows<WT, 1, 1, 2, ACT>(qr, sr, mr, K, Kp, gshift, x32 + (i64)t * ldx, ldx, xh + (i64)t * KX,
                               xs + (i64)t * ncx, xc + (i64)t * ncx, KX, acc,
                               (int)((i64)nu * sl / S), (int)((i64)nu * (sl + 1) / S));
         const float v = warp_sum(acc[0][0]);
@@ -375,156 +384,18 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
         route_warp(lg, E, A, method, n_group, topk_group, norm, ones, scaling, ids + t * A, wts + t * A);
 }
 
-#define ROUTER_INST(WTN, WT) \
+#define ROUTER_INST(WTN, WT, ACT) \
     extern "C" __global__ void __launch_bounds__(1024) router_##WTN( \
         const u8* q, const u16* s, const u16* m, const u8* xq, const u16* xs_, const u16* xm, int K, int Kp, \
         int gshift, const float* x32, int ldx, const u16* xh, const float* xs, const float* xc, int KX, \
         float* logits_out, float* extra_out, int E, int A, int method, int n_group, int topk_group, int norm, \
         int ones, float scaling, int* ids, float* wts) { \
-        router_body<WT>(q, s, m, xq, xs_, xm, K, Kp, gshift, x32, ldx, xh, xs, xc, KX, logits_out, extra_out, \
+        router_body<WT, ACT>(q, s, m, xq, xs_, xm, K, Kp, gshift, x32, ldx, xh, xs, xc, KX, logits_out, extra_out, \
                         E, A, method, n_group, topk_group, norm, ones, scaling, ids, wts); }
-ROUTER_INST(f32, WT_F32)
-ROUTER_INST(f16, WT_F16)
-ROUTER_INST(bf16, WT_BF16)
-ROUTER_INST(q4, WT_Q4)
-ROUTER_INST(q8, WT_Q8)
-
-// ---- mixture of experts ----------------------------------------------------------------------
-// Pair p is (token t = p / A, rank a = p % A). Its expert e = ids[p] lives in slot table[e] of
-// the pool: the expert's blob starts at pool + slot * stride, and a part's q / s / m at the
-// given byte offsets inside the blob. Nothing about routing goes through the host. With
-// ids == null the "expert" is dense: pool = its base (or 0 with absolute offsets), pair p is
-// token p (shared experts, or one expert's tokens in expert_ffn: then A = 1).
-// A slot < 0 or an id outside 0..E-1 sets *err and yields zeros.
-__device__ __forceinline__ bool expert_base(const int* ids, const int* table, int E, int* err, int p,
-                                            const u8* pool, i64 stride, const u8** base) {
-    *base = pool;
-    if (ids == nullptr) return true;
-    const int e = __ldg(ids + p);
-    const int slot = (e >= 0 && e < E) ? __ldg(table + e) : -1;
-    if (slot < 0) {
-        if (err && (threadIdx.x & 31) == 0) atomicOr(err, 1);
-        return false;
-    }
-    *base = pool + (i64)slot * stride;
-    return true;
-}
-
-// gate+up fused with SiLU * mul. Task = 2 rows i0, i0 + 1 of h for one pair (4 weight rows:
-// gate i0, gate i0+1, up i0, up i0+1). h[p, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t).
-// When hxh is given, the warp that finishes the last rows of a chunk of 32 (atomic counter
-// cnt[p, chunk], reset by that warp) writes the chunk's xprep for the down projection.
-struct GateUpF {
-    const int* ids; const int* table; int E; int* err; const u8* pool; i64 stride;
-    u64 gq, gs, gm, uq, us, um;
-    int wt, I, K, Kp, gshift, A, ngroups;
-    const float* x32; int ldx; const u16* xh; const float* xs; const float* xc; int KX;
-    float* hout; int ldh; u16* hxh; float* hxs; float* hxc; int HKX; int* cnt;
-
-    struct Task { const u8* base; int i0, t; bool ok; };
-    __device__ __forceinline__ void task(int task, Task& k) const {
-        const int p = task / ngroups;
-        k.i0 = (task % ngroups) * 2;
-        k.t = p / A;
-        k.ok = expert_base(ids, table, E, err, p, pool, stride, &k.base);
-    }
-    __device__ __forceinline__ void rows(const Task& k, Rows<4>& r) const {
-        const i64 rb = row_bytes(wt, K, Kp), sb = scale_row_bytes(wt, Kp, gshift);
-        r.q = k.base + k.i0 * rb;
-        r.s = k.base + k.i0 * sb;
-        r.run<2>(0, k.i0, I, rb, sb, (i64)gq, (i64)gs, (i64)gm);
-        r.run<2>(2, k.i0, I, rb, sb, (i64)uq, (i64)us, (i64)um);
-        r.x32 = x32 + (i64)k.t * ldx;
-        r.xh = xh + (i64)k.t * KX;
-        r.xs = xs + (i64)k.t * (KX >> 5);
-        r.xc = xc + (i64)k.t * (KX >> 5);
-    }
-    __device__ __forceinline__ void done(int task, const Task& k, float (&acc)[4][1]) const {
-        const int p = task / ngroups, i0 = (task % ngroups) * 2, lane = threadIdx.x & 31;
-        const float g0 = warp_sum(acc[0][0]), g1 = warp_sum(acc[1][0]);
-        const float u0 = warp_sum(acc[2][0]), u1 = warp_sum(acc[3][0]);
-        if (lane == 0) {
-            hout[(i64)p * ldh + i0] = k.ok ? silu_mul1(g0, u0) : 0.0f;
-            if (i0 + 1 < I) hout[(i64)p * ldh + i0 + 1] = k.ok ? silu_mul1(g1, u1) : 0.0f;
-        }
-        if (hxh == nullptr) return;
-        const int ch = i0 >> 5, nch = (I + 31) >> 5;
-        const int in_chunk = min(32, I - 32 * ch), tasks_in_chunk = (in_chunk + 1) / 2;
-        fence_acq_rel();
-        int prev = 0;
-        if (lane == 0) prev = atomicAdd(cnt + (i64)p * nch + ch, 1);
-        prev = __shfl_sync(0xffffffffu, prev, 0);
-        if (prev != tasks_in_chunk - 1) return;
-        if (lane == 0) cnt[(i64)p * nch + ch] = 0;
-        fence_acq_rel();
-        const float v = lane < in_chunk ? __ldcg(hout + (i64)p * ldh + 32 * ch + lane) : 0.0f;
-        prep_chunk(v, hxh + (i64)p * HKX, ch, HKX >> 5, hxs + (i64)p * (HKX >> 5) + ch, hxc + (i64)p * (HKX >> 5) + ch);
-    }
-};
-
-// y[p, :] = rw[p] * (down_e . h[p]) (rw == null: weight 1); one output row a pair.
-template <int RW>
-struct DownF {
-    const int* ids; const int* table; int E; int* err; const u8* pool; i64 stride;
-    u64 dq, ds, dm;
-    int wt, D, K, Kp, gshift, ngroups;
-    const float* h32; int ldh; const u16* hxh; const float* hxs; const float* hxc; int HKX;
-    const float* rw; float* y; int ldy;
-
-    struct Task { const u8* base; int row0, p; bool ok; };
-    __device__ __forceinline__ void task(int task, Task& k) const {
-        k.p = task / ngroups;
-        k.row0 = (task % ngroups) * RW;
-        k.ok = expert_base(ids, table, E, err, k.p, pool, stride, &k.base);
-    }
-    __device__ __forceinline__ void rows(const Task& k, Rows<RW>& r) const {
-        const i64 rb = row_bytes(wt, K, Kp), sb = scale_row_bytes(wt, Kp, gshift);
-        r.q = k.base + k.row0 * rb;
-        r.s = k.base + k.row0 * sb;
-        r.template run<RW>(0, k.row0, D, rb, sb, (i64)dq, (i64)ds, (i64)dm);
-        r.x32 = h32 + (i64)k.p * ldh;
-        r.xh = hxh + (i64)k.p * HKX;
-        r.xs = hxs + (i64)k.p * (HKX >> 5);
-        r.xc = hxc + (i64)k.p * (HKX >> 5);
-    }
-    __device__ __forceinline__ void done(int task, const Task& k, float (&acc)[RW][1]) const {
-        const int p = task / ngroups, row0 = (task % ngroups) * RW;
-        const float w = rw ? __ldg(rw + p) : 1.0f;
-#pragma unroll
-        for (int i = 0; i < RW; ++i) {
-            const float v = warp_sum(acc[i][0]);
-            if ((threadIdx.x & 31) == 0 && row0 + i < D)
-                y[(i64)p * ldy + row0 + i] = k.ok ? (rw ? v * w : v) : 0.0f;
-        }
-    }
-};
-
-// UG / UD: chunk slots a lane takes a group; MBG / MBD: blocks an SM, as MB of the GEMVs
-#define MOE_INST(WTN, WT, UG, UD, MBG, MBD) \
-    extern "C" __global__ void __launch_bounds__(256, MBG) moe_gateup_##WTN( \
-        int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 gq, u64 gs, \
-        u64 gm, u64 uq, u64 us, u64 um, int I, int K, int Kp, int gshift, int A, const float* x32, int ldx, \
-        const u16* xh, const float* xs, const float* xc, int KX, float* hout, int ldh, u16* hxh, float* hxs, \
-        float* hxc, int HKX, int* cnt) { \
-        GateUpF f; \
-        f.ids = ids; f.table = table; f.E = E; f.err = err; f.pool = pool; f.stride = stride; \
-        f.gq = gq; f.gs = gs; f.gm = gm; f.uq = uq; f.us = us; f.um = um; \
-        f.wt = WT; f.I = I; f.K = K; f.Kp = Kp; f.gshift = gshift; f.A = A; f.ngroups = (I + 1) / 2; \
-        f.x32 = x32; f.ldx = ldx; f.xh = xh; f.xs = xs; f.xc = xc; f.KX = KX; \
-        f.hout = hout; f.ldh = ldh; f.hxh = hxh; f.hxs = hxs; f.hxc = hxc; f.HKX = HKX; f.cnt = cnt; \
-        run_tasks<WT, 1, 4, UG>(f, ntasks, K, Kp, gshift, ldx, KX); } \
-    extern "C" __global__ void __launch_bounds__(256, MBD) moe_down_##WTN( \
-        int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 dq, u64 ds, \
-        u64 dm, int D, int K, int Kp, int gshift, const float* h32, int ldh, const u16* hxh, const float* hxs, \
-        const float* hxc, int HKX, const float* rw, float* y, int ldy) { \
-        DownF<2> f; \
-        f.ids = ids; f.table = table; f.E = E; f.err = err; f.pool = pool; f.stride = stride; \
-        f.dq = dq; f.ds = ds; f.dm = dm; f.wt = WT; f.D = D; f.K = K; f.Kp = Kp; f.gshift = gshift; \
-        f.ngroups = (D + 1) / 2; f.h32 = h32; f.ldh = ldh; f.hxh = hxh; f.hxs = hxs; f.hxc = hxc; f.HKX = HKX; \
-        f.rw = rw; f.y = y; f.ldy = ldy; \
-        run_tasks<WT, 1, 2, UD>(f, ntasks, K, Kp, gshift, ldh, HKX); }
-MOE_INST(f32, WT_F32, 1, 1, 4, 0)
-MOE_INST(f16, WT_F16, 1, 2, 0, 0)
-MOE_INST(bf16, WT_BF16, 1, 2, 0, 0)
-MOE_INST(q4, WT_Q4, 1, 2, 3, 3)
-MOE_INST(q8, WT_Q8, 1, 1, 3, 4)
+ROUTER_INST(f32, WT_F32, ACT_F16)
+ROUTER_INST(f16, WT_F16, ACT_F16)
+ROUTER_INST(bf16, WT_BF16, ACT_F16)
+ROUTER_INST(q4, WT_Q4, ACT_F16)
+ROUTER_INST(q8, WT_Q8, ACT_F16)
+ROUTER_INST(q4_i8, WT_Q4, ACT_I8)
+ROUTER_INST(q8_i8, WT_Q8, ACT_I8)

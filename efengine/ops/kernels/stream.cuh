@@ -16,6 +16,8 @@
 // few adds a group): held for the current and the next task they took ~60 registers
 // (moe_gateup_q4 had 118 registers: 2 blocks of 256 an SM; now 72: 3).
 //
+// ACT: the prep format quantized rows read (ACT_F16 fp16 pairs, ACT_I8 int8 codes, common.cuh).
+//
 // The functor F supplies:   Task                   what a task keeps from start to done()
 //                           task(task, Task&)      fill it (may read memory: the expert's slot)
 //                           rows(Task, Rows&)      its row and x pointers
@@ -93,8 +95,35 @@ __device__ __forceinline__ void stream_load(Group<WT, RW, U>& b, const Rows<RW>&
     }
 }
 
-// acc += the sums of group g from the loads in b; x of rows r
+// acc += the int8-activation sums (ACT_I8) of chunk c of slot u: for each token, the chunk's codes
+// and (d, code sum) are loaded once and used by all RW rows; the integer sums are exact
 template <int WT, int T, int RW, int U>
+__device__ __forceinline__ void stream_compute_i8(const Group<WT, RW, U>& b, const Rows<RW>& r, int u, int c,
+                                                  int KX, float (&acc)[RW][T]) {
+    constexpr int NL = WTraits<WT>::NL;
+    const int ncx = KX >> 5;
+    float sc[RW], mc[RW];
+#pragma unroll
+    for (int i = 0; i < RW; ++i) {
+        sc[i] = h2f(b.s[u][i]);
+        mc[i] = WT == WT_Q4 ? h2f(b.m[u][i]) : 0.0f;
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        u32 xv[8], xn[8];
+        load_xchunk_i8(r.xh + (i64)t * KX, c, xv);
+        if (WT == WT_Q8) x_korder(xv, xn);
+        const float xsum = WT == WT_Q4 ? __ldg(r.xs + t * ncx + c) : 0.0f, xd = __ldg(r.xc + t * ncx + c);
+#pragma unroll
+        for (int i = 0; i < RW; ++i) {
+            const int dot = chunk_dot_i8<WT>(b.w[u][i][0], b.w[u][i][NL - 1], xv, xn);
+            acc[i][t] += xd * (WT == WT_Q4 ? sc[i] * (float)dot + mc[i] * xsum : sc[i] * (float)dot);
+        }
+    }
+}
+
+// acc += the sums of group g from the loads in b; x of rows r (quantized WT: prep format ACT)
+template <int WT, int T, int RW, int U, int ACT = ACT_F16>
 __device__ __forceinline__ void stream_compute(const Group<WT, RW, U>& b, const Rows<RW>& r, int g, int nc,
                                                int ldx, int KX, float (&acc)[RW][T]) {
     constexpr int NL = WTraits<WT>::NL;
@@ -103,7 +132,9 @@ __device__ __forceinline__ void stream_compute(const Group<WT, RW, U>& b, const 
     for (int u = 0; u < U; ++u) {
         const int c = lane_chunk<U>(g, u);
         if (c >= nc) continue;
-        if (WTraits<WT>::Q) {
+        if (WTraits<WT>::Q && ACT == ACT_I8) {
+            stream_compute_i8<WT, T, RW, U>(b, r, u, c, KX, acc);
+        } else if (WTraits<WT>::Q) {
             // x of the chunk is loaded once per token and used by all RW rows
             float sc[RW], mc[RW];
 #pragma unroll
@@ -184,7 +215,7 @@ __device__ __forceinline__ void zero_acc(float (&acc)[RW][T]) {
         for (int t = 0; t < T; ++t) acc[i][t] = 0.0f;
 }
 
-template <int WT, int T, int RW, int U, class F>
+template <int WT, int T, int RW, int U, int ACT, class F>
 __device__ __forceinline__ void run_tasks(F& f, int ntasks, int K, int Kp, int gshift, int ldx, int KX) {
     const int nwarps = gridDim.x * (blockDim.x >> 5);
     int task = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -217,7 +248,7 @@ __device__ __forceinline__ void run_tasks(F& f, int ntasks, int K, int Kp, int g
         if (more && nt != task) f.task(nt, nxt);    // its slot lookup overlaps the sums
         else nxt = cur;
         f.rows(cur, r);
-        stream_compute<WT, T, RW, U>(buf, r, g, nc, ldx, KX, acc);
+        stream_compute<WT, T, RW, U, ACT>(buf, r, g, nc, ldx, KX, acc);
         if (more) {
             f.rows(nxt, r);
             stream_load<WT, RW, U>(buf, r, ng, nc, gshift);
