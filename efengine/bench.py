@@ -2,14 +2,17 @@
 
     efengine bench [--models mixtral-8x7b:q4:q8,qwen1.5-moe-a2.7b:f16:f16] [--ef FILE.ef]
                    [--decode 256] [--context 128] [--prompt 512] [--layers N] [--json OUT]
+                   [--act f16|int8|f16,int8]
     efengine bench --offload [--route-trace gsm8k_2] [--tokens 48] [--layers N] [--plot DIR]
                    (scenario O1, efengine/offload_gpu_bench.py; --plot: efengine/plot.py PNGs)
     efengine bench --host-bench GB      (host tiers -> GPU copy speed, efengine/host_bench.py)
 
 Measured, in order: ceilings (device-to-device copy counting read + write, a read-only probe
 kernel, pinned host -> GPU copies, an fp16 8192^3 matmul: H100 runs fp16 and bf16 at the same
-tensor-core rate), quantized GEMV microbenchmarks, then per model: resident batch-1 greedy decode
-as a CUDA graph (DecodeGraph) and a prefill through Model.forward. Models are full-size synthetic
+tensor-core rate), quantized GEMV microbenchmarks (q4 / q8 with fp16 and with int8 activations,
+"act" in each entry), then per model: resident batch-1 greedy decode as a CUDA graph (DecodeGraph)
+for each activation format of --act (the first one's numbers at the top level, all of them under
+"decode_by_act") and a prefill through Model.forward (fp16 GEMMs whatever --act). Models are full-size synthetic
 ones built directly on the GPU (gpu_synth.DeviceRandomSource: the shapes and stored types
 `efconvert --random SHAPE --experts E --dense D` writes, random bytes; speed does not depend on
 values) or a real .ef with --ef. Resident bound = bytes one decode step must read (weights it
@@ -90,15 +93,21 @@ def ceilings() -> dict:
     return out
 
 
+GEMV_CASES = [("q4", (14336, 4096), "f16"), ("q4", (4096, 14336), "f16"), ("q8", (4096, 4096), "f16"),
+              ("f16", (14336, 4096), "f16"),
+              ("q4", (14336, 4096), "int8"), ("q4", (4096, 14336), "int8"), ("q8", (4096, 4096), "int8")]
+
+
 def gemv_bench(read_GBps: float) -> list[dict]:
-    """GEMV kernels alone on matrices of expert shape (several copies: none stays in L2)."""
+    """GEMV kernels alone on matrices of expert shape (several copies: none stays in L2), quantized
+    ones with each activation format."""
     import cupy
     from .ops import gpu_ops as ops
     from .ops.gpu_synth import fill_tensor
     from .ops.gpu_weights import GpuWeight
     from . import quant
     out = []
-    for qtype, (N, K) in (("q4", (14336, 4096)), ("q4", (4096, 14336)), ("q8", (4096, 4096)), ("f16", (14336, 4096))):
+    for qtype, (N, K), act in GEMV_CASES:
         copies = 6
         nb = quant.nbytes(qtype, (N, K), 64)
         Ws = []
@@ -107,7 +116,7 @@ def gemv_bench(read_GBps: float) -> list[dict]:
             fill_tensor(int(buf.data.ptr), qtype, (N, K), 64, 11 + i, (3.0 / K) ** 0.5)
             Ws.append(GpuWeight(qtype, (N, K), 64, buf))
         x = cupy.random.standard_normal((1, K), dtype=cupy.float32)
-        prep = ops.XPrep(1, K, Ws[0].Kp)
+        prep = ops.XPrep(1, K, Ws[0].Kp, act)
         ops.rows_prep(x, K, prep=prep)
         y = cupy.empty((1, N), dtype=cupy.float32)
         descs = [ops.gemv_desc([(W, y, None, False)]) for W in Ws]
@@ -120,7 +129,7 @@ def gemv_bench(read_GBps: float) -> list[dict]:
         t = _timed(run, 5) / (reps * copies)
         gbps = nb / t / 1e9
         out.append({"type": qtype, "shape": [N, K], "bytes": nb, "us": t * 1e6, "GBps": gbps,
-                    "frac_read_bw": gbps / read_GBps})
+                    "frac_read_bw": gbps / read_GBps, "act": act})
     cupy.get_default_memory_pool().free_all_blocks()
     return out
 
@@ -182,11 +191,32 @@ def _breakdown(g, pos0: int, args, pool, step_bytes: int, step: float) -> dict:
                                       "dense_matrices": dense_bytes / max(1e-9, t_dense) / 1e9}}
 
 
+def _decode_bench(model, pool, cache, pos0: int, act: str, args, ceil: dict) -> dict:
+    """Resident greedy decode from position pos0 as one CUDA graph with activations `act`."""
+    from .ops import gpu_kernels
+    from .ops.gpu_decode import DecodeGraph
+    g = DecodeGraph(model, pool, cache, act=act)
+    n0 = gpu_kernels.LAUNCHES[0]
+    g.capture()
+    r = {"kernels_per_step": (gpu_kernels.LAUNCHES[0] - n0) // 2}     # warm-up step + captured step
+
+    def decode():
+        g.start(1, pos0)
+        g.replay(args.decode)
+    t = _timed(decode, 3, stream=g.stream, warmup=1)
+    pool.check()
+    r["decode_tok_s"] = args.decode / t
+    r["decode_ms_per_token"] = 1e3 * t / args.decode
+    r["bytes_per_step"] = _step_bytes(model, pool, pos0 + args.decode / 2)
+    r.update(_breakdown(g, pos0, args, pool, r["bytes_per_step"], t / args.decode))
+    r["resident_bound_tok_s"] = ceil["read_GBps"] * 1e9 / r["bytes_per_step"]
+    r["frac_resident_bound"] = r["decode_tok_s"] / r["resident_bound_tok_s"]
+    return r
+
+
 def model_bench(name: str, experts: str, dense: str, args, ceil: dict, log) -> dict:
     import cupy
     from .model import Model
-    from .ops import gpu_kernels
-    from .ops.gpu_decode import DecodeGraph
     from .ops.gpu_weights import ExpertPool, PoolExperts
     t0 = time.perf_counter()
     if name.endswith(".ef"):
@@ -201,34 +231,26 @@ def model_bench(name: str, experts: str, dense: str, args, ceil: dict, log) -> d
         src = DeviceRandomSource(cfg, experts=experts, dense=dense, group=args.group)
         pool = src.pool()
         kind = "synthetic (random stored bytes made on the GPU)"
-    model = Model(src, "cupy", experts=PoolExperts(pool))
+    from .ops.cupy_backend import CupyBackend
+    acts = args.act
+    model = Model(src, CupyBackend(act=acts[0]), experts=PoolExperts(pool))
     cfg = model.cfg
     cupy.cuda.Device().synchronize()
     r = {"model": name, "experts": experts, "dense": dense, "group": args.group, "weights": kind,
-         "layers": cfg.n_layers, "build_s": time.perf_counter() - t0}
+         "layers": cfg.n_layers, "build_s": time.perf_counter() - t0, "act": acts[0]}
     log(f"{name}: built in {r['build_s']:.1f} s")
     P = args.context + args.decode + 8
     rng = np.random.default_rng(0)
     cache = model.new_cache(max(P, args.prompt + 1))
     model.forward(rng.integers(0, cfg.vocab_size, args.context), cache, last_only=True)
-    g = DecodeGraph(model, pool, cache)
-    n0 = gpu_kernels.LAUNCHES[0]
-    g.capture()
-    r["kernels_per_step"] = (gpu_kernels.LAUNCHES[0] - n0) // 2     # warm-up step + captured step
     pos0 = cache.pos
-
-    def decode():
-        g.start(1, pos0)
-        g.replay(args.decode)
-    t = _timed(decode, 3, stream=g.stream, warmup=1)
-    pool.check()
-    r["decode_tok_s"] = args.decode / t
-    r["decode_ms_per_token"] = 1e3 * t / args.decode
-    r["bytes_per_step"] = _step_bytes(model, pool, pos0 + args.decode / 2)
-    r.update(_breakdown(g, pos0, args, pool, r["bytes_per_step"], t / args.decode))
-    r["resident_bound_tok_s"] = ceil["read_GBps"] * 1e9 / r["bytes_per_step"]
-    r["frac_resident_bound"] = r["decode_tok_s"] / r["resident_bound_tok_s"]
-    log(f"{name}: decode {r['decode_tok_s']:.1f} tok/s ({100 * r['frac_resident_bound']:.1f}% of bound)")
+    r["decode_by_act"] = {}
+    for act in acts:
+        d = _decode_bench(model, pool, cache, pos0, act, args, ceil)
+        r["decode_by_act"][act] = d
+        log(f"{name}: decode ({act} activations) {d['decode_tok_s']:.1f} tok/s "
+            f"({100 * d['frac_resident_bound']:.1f}% of bound)")
+    r.update(r["decode_by_act"][acts[0]])
     if args.prompt:
         prompt = rng.integers(0, cfg.vocab_size, args.prompt)
 
@@ -254,24 +276,40 @@ def table(res: dict) -> str:
              f"ceilings: D2D {c['d2d_GBps']:.0f} GB/s (read+write), read {c['read_GBps']:.0f} GB/s, "
              f"pinned H2D {c['h2d_pinned_GBps']:.1f} GB/s, fp16 matmul {c['matmul_f16_TFLOPs']:.0f} TFLOP/s"]
     for gv in res.get("gemv", []):
-        lines.append(f"GEMV {gv['type']} {gv['shape'][0]}x{gv['shape'][1]}: {gv['us']:.1f} us, "
+        x = f" ({gv.get('act', 'f16')} x)" if gv["type"] in ("q4", "q8") else ""
+        lines.append(f"GEMV {gv['type']} {gv['shape'][0]}x{gv['shape'][1]}{x}: {gv['us']:.1f} us, "
                      f"{gv['GBps']:.0f} GB/s = {100 * gv['frac_read_bw']:.0f}% of read bandwidth")
-    hdr = f"{'model':24} {'decode tok/s':>12} {'% bound':>8} {'bound':>8} {'prefill tok/s':>14} {'% matmul':>9}"
+    hdr = f"{'model':30} {'decode tok/s':>12} {'% bound':>8} {'bound':>8} {'prefill tok/s':>14} {'% matmul':>9}"
     lines += [hdr, "-" * len(hdr)]
     for m in res.get("models", []):
-        lines.append(f"{m['model'] + ' ' + m['experts'] + '/' + m['dense']:24} {m['decode_tok_s']:12.1f} "
-                     f"{100 * m['frac_resident_bound']:8.1f} {m['resident_bound_tok_s']:8.1f} "
-                     f"{m.get('prefill_tok_s', float('nan')):14.0f} "
-                     f"{100 * m.get('frac_matmul_rate', float('nan')):9.1f}")
+        for act, d in m.get("decode_by_act", {m.get("act", "f16"): m}).items():
+            lines.append(f"{m['model'] + ' ' + m['experts'] + '/' + m['dense'] + ' ' + act:30} "
+                         f"{d['decode_tok_s']:12.1f} {100 * d['frac_resident_bound']:8.1f} "
+                         f"{d['resident_bound_tok_s']:8.1f} {m.get('prefill_tok_s', float('nan')):14.0f} "
+                         f"{100 * m.get('frac_matmul_rate', float('nan')):9.1f}")
     for m in res.get("models", []):
-        b, gb = m.get("decode_breakdown_ms"), m.get("decode_breakdown_GBps")
-        if b:
-            lines.append(f"  {m['model']} step {m['decode_ms_per_token']:.2f} ms: "
-                         f"routed experts {b['routed_experts']:.2f} ms "
-                         f"({gb['routed_experts']:.0f} GB/s), dense matrices {b['dense_matrices']:.2f} ms "
-                         f"({gb['dense_matrices']:.0f} GB/s), the rest {b['norms_attention_routing_rest']:.2f} ms "
-                         f"({m['kernels_per_step']} kernels a step)")
+        for act, d in m.get("decode_by_act", {m.get("act", "f16"): m}).items():
+            lines += _breakdown_line(m["model"], act, d)
     return "\n".join(lines)
+
+
+def _breakdown_line(model: str, act: str, m: dict) -> list[str]:
+    """The step's time by part of one decode measurement (empty without a breakdown)."""
+    b, gb = m.get("decode_breakdown_ms"), m.get("decode_breakdown_GBps")
+    if not b:
+        return []
+    return [f"  {model} ({act} x) step {m['decode_ms_per_token']:.2f} ms: routed experts {b['routed_experts']:.2f} ms "
+            f"({gb['routed_experts']:.0f} GB/s), dense matrices {b['dense_matrices']:.2f} ms "
+            f"({gb['dense_matrices']:.0f} GB/s), the rest {b['norms_attention_routing_rest']:.2f} ms "
+            f"({m['kernels_per_step']} kernels a step)"]
+
+
+def _acts(text: str) -> list[str]:
+    from .ops.act_int8 import ACTS
+    acts = [a for a in text.split(",") if a]
+    if not acts or any(a not in ACTS for a in acts) or len(set(acts)) < len(acts):
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(ACTS)}, got {text!r}")
+    return acts
 
 
 def parse(args: list[str]) -> argparse.Namespace:
@@ -285,6 +323,8 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers of synthetic shapes")
     p.add_argument("--group", type=int, default=64, help="quantization group of synthetic models (default 64)")
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV microbenchmarks")
+    p.add_argument("--act", type=_acts, default=["f16"], metavar="f16|int8|f16,int8",
+                   help="activation formats of the quantized decode kernels to time decode with (default f16)")
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of stdout")
     p.add_argument("--plot", metavar="DIR", help="--offload: draw policies.png and timelines there (needs matplotlib)")
     p.add_argument("--host-bench", type=float, metavar="GB", help="only measure host tier -> GPU copies "
