@@ -62,10 +62,7 @@ def check_prep(prep, x: np.ndarray) -> None:
 
 def host_prep(prep) -> tuple:
     """(codes in k order [R, KX], d, code sums) read back from a device int8 prep."""
-    kb = cp.asnumpy(prep.i8_bytes())
-    R, KX = kb.shape
-    q = kb.reshape(R, KX // 8, 8)[:, :, act_int8.POS8].reshape(R, KX).view(np.int8)
-    return q, cp.asnumpy(prep.xc), cp.asnumpy(prep.xs)
+    return act_int8.codes_of(cp.asnumpy(prep.i8_bytes())), cp.asnumpy(prep.xc), cp.asnumpy(prep.xs)
 
 
 # ---- rows_prep -----------------------------------------------------------------------------------

@@ -66,11 +66,11 @@ def test_kernel_byte_order_pairs_q4_nibbles(rng):
     """The byte order lets a q4 word's low nibbles (even k) meet the first activation word and its
     high nibbles the second: the dp4a sums in that order equal the dot product in k order."""
     q = rng.integers(-127, 128, (3, 64)).astype(np.int8)
-    kb = act_int8.kernel_bytes(q)
+    cb = act_int8.chunk_bytes(q)                              # [3, 2 chunks, 32]
     codes = rng.integers(0, 16, (5, 64)).astype(np.uint8)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)          # quant.py: low nibble = even k
-    w32 = packed.view("<u4")                                  # [5, 8] words of 8 codes
-    x32 = kb.view("<u4")                                      # [3, 16] words of 4 codes
+    w32 = packed.view("<u4")                                  # [5, 8] words of 8 codes (2 chunks)
+    x32 = np.ascontiguousarray(cb).reshape(3, 64).view("<u4")  # [3, 16] words of 4 codes
 
     def dp4a(a, b):                                           # a: unsigned bytes, b: signed bytes
         ab = np.frombuffer(np.uint32(a).tobytes(), np.uint8).astype(int)
@@ -82,10 +82,17 @@ def test_kernel_byte_order_pairs_q4_nibbles(rng):
             s = sum(dp4a(w & 0x0F0F0F0F, x32[r, 2 * j]) + (dp4a(w & 0xF0F0F0F0, x32[r, 2 * j + 1]) >> 4)
                     for j, w in enumerate(w32[n]))
             assert s == int(codes[n].astype(int) @ q[r].astype(int))
-    # q8 codes are in k order: the kernels restore k order of x with one byte_perm a word
-    back = np.empty_like(kb.reshape(3, -1, 8))
-    back[:, :, :] = kb.reshape(3, -1, 8)[:, :, act_int8.POS8]
-    np.testing.assert_array_equal(back.reshape(3, 64).view(np.int8), q)
+    # x_korder (dot.cuh): byte_perm(even word, odd word, 0x5140 / 0x7362) restores k order for q8
+    def perm(a, b, sel):
+        src = np.frombuffer(np.array([a, b], "<u4").tobytes(), np.uint8)
+        return bytes(src[(sel >> (4 * i)) & 7] for i in range(4))
+    korder = b"".join(perm(x32[r, 2 * j], x32[r, 2 * j + 1], sel) for r in range(3) for j in range(8)
+                      for sel in (0x5140, 0x7362))
+    np.testing.assert_array_equal(np.frombuffer(korder, np.int8).reshape(3, 64), q)
+    # a row as stored: 2 planes of 16 bytes a chunk; codes_of inverts it
+    kb = act_int8.kernel_bytes(q)
+    np.testing.assert_array_equal(kb.reshape(3, 2, 2, 16)[:, 1, 0], cb[:, 0, 16:])    # plane 1 of chunk 0
+    np.testing.assert_array_equal(act_int8.codes_of(kb), q)
 
 
 # ---- the dot ------------------------------------------------------------------------------------
@@ -117,9 +124,8 @@ def _exact_weights(buf, qtype, shape, group):
 
 
 def _error_bound(x, wf, K):
-    """Per output: sum over chunks of d/2 (1 + 1024 u) sum_k |w_k| (activation rounding) + K u
-    sum_k |w_k x_k| (float32 product of float32 operands, any summation order)."""
-    T = x.shape[0]
+    """Per output: sum over chunks of d (1/2 + 512 u) sum_k |w_k| (activation rounding) + K u
+    sum_k |w_k x_k| (float32 product of float32 operands, any summation order; 1% for |d q| vs |x|)."""
     KX = -(-K // 32) * 32
     _, d, _ = act_int8.quantize(x, KX)
     aw = np.zeros((wf.shape[0], KX))

@@ -91,12 +91,28 @@ def fake_quant(x: np.ndarray) -> np.ndarray:
     return dequantize(q, d)[:, :K].reshape(x.shape)
 
 
-def kernel_bytes(q: np.ndarray) -> np.ndarray:
-    """Codes [R, KX] in k order -> uint8 [R, KX] in the kernels' byte order (POS8 in every 8)."""
+def chunk_bytes(q: np.ndarray) -> np.ndarray:
+    """Codes [R, KX] in k order -> uint8 [R, C, 32]: each chunk's bytes as a kernel lane holds them
+    (its two 16-byte loads), value i of every 8 at byte POS8[i]."""
     R, KX = q.shape
     out = np.empty((R, KX // 8, 8), np.uint8)
     out[:, :, POS8] = q.view(np.uint8).reshape(R, KX // 8, 8)
-    return out.reshape(R, KX)
+    return out.reshape(R, KX // CHUNK, CHUNK)
+
+
+def kernel_bytes(q: np.ndarray) -> np.ndarray:
+    """Codes [R, KX] in k order -> uint8 [R, KX] as the kernels store a row: 2 planes of 16 bytes a
+    chunk (plane j of chunk c at byte 16 (j C + c)), chunk_bytes order inside."""
+    R, KX = q.shape
+    cb = chunk_bytes(q).reshape(R, KX // CHUNK, 2, 16).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(cb).reshape(R, KX)
+
+
+def codes_of(kb: np.ndarray) -> np.ndarray:
+    """kernel_bytes inverted: uint8 [R, KX] in the kernels' layout -> codes int8 [R, KX] in k order."""
+    R, KX = kb.shape
+    cb = kb.reshape(R, 2, KX // CHUNK, 16).transpose(0, 2, 1, 3).reshape(R, KX // 8, 8)
+    return np.ascontiguousarray(cb[:, :, POS8]).reshape(R, KX).view(np.int8)
 
 
 def chunk_dot(buf: np.ndarray, qtype: str, shape, group: int, q: np.ndarray, d: np.ndarray,

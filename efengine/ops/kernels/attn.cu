@@ -29,7 +29,8 @@ __device__ __forceinline__ void out_row(float* out, int t, int h, int H, int dv,
         for (int c = 0; c < ATT_DV; ++c) {
             if (32 * c < dv) {                             // warp-uniform
                 const int ch = (h * dv) / 32 + c;
-                prep_chunk_i8(o[c], (u8*)(oxh + (i64)t * OKX), ch, oxs + (i64)t * ncx + ch, oxc + (i64)t * ncx + ch);
+                prep_chunk_i8(o[c], (u8*)(oxh + (i64)t * OKX), ch, ncx, oxs + (i64)t * ncx + ch,
+                              oxc + (i64)t * ncx + ch);
             }
         }
         return;

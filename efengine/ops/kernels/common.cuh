@@ -20,7 +20,8 @@
 // (float32, correctly rounded, round half to even). A chunk whose amax is below 2^-100, zero
 // included, gets d = 0 and codes 0; one holding inf or NaN d = NaN and codes 0. It fills the
 // buffers of the fp16 prep at the same row addresses: row r's codes are the first KX bytes of its
-// 2 * KX (chunk c at bytes 32c .. 32c+31), xs = the chunk's code sum (an exact integer), xc = d.
+// 2 * KX, as 2 planes of 16 bytes a chunk (plane j, chunk c at uint4 index j * NC + c: a warp's
+// loads are contiguous), xs = the chunk's code sum (an exact integer), xc = d.
 // Inside a chunk every 8 values x0..x7 are stored [x0 x2 x4 x6 | x1 x3 x5 x7]: a q4 word's low
 // nibbles (even k) meet the first 32-bit word, its high nibbles the second, with no byte shuffling;
 // q8 codes (k order) take the activations after one byte_perm a word, once per chunk and token.
@@ -148,8 +149,8 @@ __device__ __forceinline__ void prep_chunk(float v, u16* xh_row, int c, int ncx,
 #define PREP_I8_STEP 0x1.020408p-7f    // float32(1 / 127)
 #define PREP_I8_TINY 0x1p-100f         // chunks with a smaller largest |x| are taken as zero
 
-// One warp: the int8 prep of chunk c of a row (q_row: its codes), lane j holding value j.
-__device__ __forceinline__ void prep_chunk_i8(float v, u8* q_row, int c, float* xs_c, float* xc_c) {
+// One warp: the int8 prep of chunk c of a row (q_row: its codes, NC = ncx chunks), lane j holding value j.
+__device__ __forceinline__ void prep_chunk_i8(float v, u8* q_row, int c, int ncx, float* xs_c, float* xc_c) {
     const int lane = threadIdx.x & 31;
     const bool bad = __any_sync(0xffffffffu, !(fabsf(v) <= 3.402823466e38f));     // inf or NaN
     const float amax = warp_max(fabsf(v));
@@ -158,8 +159,8 @@ __device__ __forceinline__ void prep_chunk_i8(float v, u8* q_row, int c, float* 
     const float d = ok ? __fmul_rn(amax, PREP_I8_STEP) : (bad ? __int_as_float(0x7fc00000) : 0.0f);
     const int q = ok ? __float2int_rn(__fmul_rn(v, __frcp_rn(d))) : 0;
     const float sum = warp_sum((float)q);                // |sum| <= 32 * 127: exact
-    const int pos = (lane & ~7) | ((lane & 1) << 2) | ((lane >> 1) & 3);
-    q_row[32 * c + pos] = (u8)q;
+    const int pos = (lane & ~7) | ((lane & 1) << 2) | ((lane >> 1) & 3);      // byte in the chunk
+    q_row[((i64)((pos >> 4) * ncx + c) << 4) + (pos & 15)] = (u8)q;
     if (lane == 0) {
         *xs_c = sum;
         *xc_c = d;
@@ -169,6 +170,6 @@ __device__ __forceinline__ void prep_chunk_i8(float v, u8* q_row, int c, float* 
 // The prep of the act format (ACT_F16 / ACT_I8) of chunk c of a token's row xh_row (see above).
 __device__ __forceinline__ void prep_chunk_act(int act, float v, u16* xh_row, int c, int ncx, float* xs_c,
                                                float* xc_c) {
-    if (act == ACT_I8) prep_chunk_i8(v, (u8*)xh_row, c, xs_c, xc_c);
+    if (act == ACT_I8) prep_chunk_i8(v, (u8*)xh_row, c, ncx, xs_c, xc_c);
     else prep_chunk(v, xh_row, c, ncx, xs_c, xc_c);
 }

@@ -58,11 +58,11 @@ __device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
     return d;
 }
 
-// the int8 codes of chunk c of one token's row (xrow: the row's start, as for the fp16 prep): 8
-// words, even / odd k of each 8 values in alternate words (common.cuh)
-__device__ __forceinline__ void load_xchunk_i8(const u16* xrow, int c, u32 xv[8]) {
-    const uint4* p = (const uint4*)((const u8*)xrow + 32 * (i64)c);
-    const uint4 a = ld_nc4(p), b = ld_nc4(p + 1);
+// the int8 codes of chunk c of one token's row (xrow: the row's start, as for the fp16 prep; 2
+// planes of ncx uint4): 8 words, even / odd k of each 8 values in alternate words (common.cuh)
+__device__ __forceinline__ void load_xchunk_i8(const u16* xrow, int c, int ncx, u32 xv[8]) {
+    const uint4* p = (const uint4*)xrow + c;
+    const uint4 a = ld_nc4(p), b = ld_nc4(p + ncx);
     xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
     xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
 }
@@ -197,7 +197,7 @@ __device__ __forceinline__ void dot_rows(const u8* const qr[RW], const u16* cons
 #pragma unroll
                             for (int t = 0; t < T; ++t) {
                                 u32 xv[8], xn[8];
-                                load_xchunk_i8(xh + (i64)t * KX, c, xv);
+                                load_xchunk_i8(xh + (i64)t * KX, c, ncx, xv);
                                 if (WT == WT_Q8) x_korder(xv, xn);
                                 const int dot = chunk_dot_i8<WT>(w[u][r][0], w[u][r][NL - 1], xv, xn);
                                 const float xd = __ldg(xc + t * ncx + c);

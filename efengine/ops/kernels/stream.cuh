@@ -111,7 +111,7 @@ __device__ __forceinline__ void stream_compute_i8(const Group<WT, RW, U>& b, con
 #pragma unroll
     for (int t = 0; t < T; ++t) {
         u32 xv[8], xn[8];
-        load_xchunk_i8(r.xh + (i64)t * KX, c, xv);
+        load_xchunk_i8(r.xh + (i64)t * KX, c, ncx, xv);
         if (WT == WT_Q8) x_korder(xv, xn);
         const float xsum = WT == WT_Q4 ? __ldg(r.xs + t * ncx + c) : 0.0f, xd = __ldg(r.xc + t * ncx + c);
 #pragma unroll
