@@ -4,8 +4,9 @@ cache and loads / prefetches them from the host store.
 Legend: T tokens in a step, A active experts per token, L MoE layers (index i; `store.layers[i]` is
 the model's layer number), E experts per layer, S horizon (layers ahead).
 
-Per MoE layer (model.py calls begin_layer -> consumes every yielded expert -> end_layer ->
-on_layer(layer, hidden)):
+Per step, begin_step: expertflow requests the first layers' experts of a step of several tokens
+(a prompt) before it computes. Per MoE layer (model.py calls begin_layer -> consumes every
+yielded expert -> end_layer -> on_layer(layer, hidden)):
   begin_layer  count hits / late prefetches / misses, tell the policy (the predictor learns from
                this routing), pin the layer's experts, start demand copies of the misses, then
                yield resident experts first and wait only on the events of the misses, one at a
