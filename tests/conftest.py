@@ -5,11 +5,14 @@
 Names are tests/tiny_models.py's configs (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2,
 deepseek_v2_grouped). Results are cached per session (per xdist worker); treat them as read-only
 and copy a folder before changing it.
+  rng -> a numpy Generator with a fresh seed per test (printed, so a failure can be replayed)
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tiny_models
@@ -25,6 +28,13 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
                 (folder / name).write_bytes(data)
         return
     write_tiny_tokenizer(folder, vocab_size)
+
+
+@pytest.fixture
+def rng():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ roundings a chunk term, 5 levels of the warp's sum and a final add or scaling; u
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from efengine.ops import act_int8
 from efengine.ops.numpy_backend import NumpyBackend
 
 from gpu_check import HAVE_GPU, cp
+from quant_helpers import stored  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
 
@@ -32,19 +32,6 @@ if HAVE_GPU:
 
 U = 2.0 ** -24
 NB = NumpyBackend()
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return np.random.default_rng(seed)
-
-
-def stored(rng, qtype, shape, group):
-    w = (rng.standard_normal(shape) * shape[1] ** -0.5).astype(np.float32)
-    buf = quant.quantize(w, qtype, group)
-    return buf, quant.dequantize(buf, qtype, shape, group)
 
 
 def slack(C: int, extra: int = 0) -> float:

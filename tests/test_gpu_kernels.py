@@ -8,7 +8,6 @@ arithmetic: float32 paths ~1e-6, fp16 activations with fp32 accumulation ~1e-3.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -37,13 +36,6 @@ NB = NumpyBackend()
 TOL_Q = 3e-3      # fp16 activations, fp16 partial sums of 8 products, fp32 accumulation
 TOL_MM = 1e-2     # fp16 GEMM operands (prefill)
 TOL_F32 = 2e-5
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return np.random.default_rng(seed)
 
 
 def rel(ref, got) -> float:

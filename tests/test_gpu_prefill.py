@@ -8,7 +8,6 @@ token, one with a single token, several weight types and groups), tolerance set 
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -25,13 +24,6 @@ TOL_MM = 1e-2        # relative RMS: fp16 x, fp16 weights and fp16 h, fp32 accum
 
 from gpu_check import HAVE_GPU
 gpu = pytest.mark.gpu
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return np.random.default_rng(seed)
 
 
 # ---- CPU ---------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ the float path on a tiny quantized model. u = 2^-24 is float32's unit roundoff.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -15,21 +14,9 @@ import pytest
 from efengine import quant
 from efengine.ops import act_int8
 from efengine.ops.numpy_backend import NumpyBackend, QuantMatrix
+from quant_helpers import stored  # noqa: E402
 
 U = 2.0 ** -24
-
-
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return np.random.default_rng(seed)
-
-
-def stored(rng, qtype, shape, group):
-    w = (rng.standard_normal(shape) * shape[1] ** -0.5).astype(np.float32)
-    buf = quant.quantize(w, qtype, group)
-    return buf, quant.dequantize(buf, qtype, shape, group)
 
 
 # ---- the prep ---------------------------------------------------------------------------------
