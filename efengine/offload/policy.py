@@ -136,8 +136,7 @@ class ExpertflowEviction(Eviction):
         """Rows whose pre-gate expects more than top_k distinct experts (a step of many tokens: one
         token's expects at most top_k) take its count and, as the chance of use, at least the
         pre-gate's: the router read all the step's tokens, while the learned heads model one."""
-        with np.errstate(invalid="ignore"):
-            n = np.rint(np.nan_to_num(pg).sum(axis=1))
+        n = np.rint(np.nan_to_num(pg).sum(axis=1))
         rows = np.flatnonzero(n > self.predictor.A)
         if rows.size:
             self._n[rows] = np.minimum(n[rows], self.E)
@@ -193,8 +192,9 @@ class ExpertflowEviction(Eviction):
         return got
 
     def _predicted(self, S: int) -> np.ndarray:
-        """Row-wise top-A of P, kept in the layers inside the horizon (sorting all rows and masking
-        is cheaper than gathering those rows first; rows are E wide)."""
+        """Row-wise top-n_l of P (n_l = top_k but in a step of many tokens), kept in the layers
+        inside the horizon (sorting all rows and masking is cheaper than gathering those rows
+        first; rows are E wide)."""
         E, A = self.E, self.predictor.A
         order = self._P.argsort(axis=1, kind="stable")
         m = np.zeros(self.L * E, dtype=bool)
