@@ -16,11 +16,11 @@ import pytest
 
 from efengine import quant
 from efengine.config import ModelConfig
-from efengine.format import expert_layout
 from efengine.ops import act_int8
 from efengine.ops.numpy_backend import NumpyBackend
 
 from gpu_check import HAVE_GPU, cp
+from gpu_helpers import assert_replay_matches_eager, random_pool  # noqa: E402
 from quant_helpers import stored  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs Cu
 if HAVE_GPU:
     from efengine.ops import gpu_ops as ops
     from efengine.ops.cupy_backend import CupyBackend
-    from efengine.ops.gpu_weights import ExpertLayout, ExpertPool, GpuWeight
+    from efengine.ops.gpu_weights import GpuWeight
 
 U = 2.0 ** -24
 NB = NumpyBackend()
@@ -149,19 +149,6 @@ def test_router_int8(rng, qtype):
 
 # ---- mixture of experts ------------------------------------------------------------------------------
 
-def _pool(rng, D, I, slots, gtype, dtype, group):
-    lay, nb = expert_layout({"gate": (gtype, (I, D), group), "up": (gtype, (I, D), group),
-                             "down": (dtype, (D, I), group)})
-    host = np.zeros((slots, nb), np.uint8)
-    for s in range(slots):
-        for p, t in lay.items():
-            host[s, t.offset:t.offset + t.nbytes] = quant.quantize(
-                rng.standard_normal(t.shape) * t.shape[1] ** -0.5, t.type, t.group)
-    pool = ExpertPool(ExpertLayout(lay, nb), slots, 1, slots)
-    pool.data[...] = cp.asarray(host)
-    return pool, host, lay
-
-
 def _product(blob, t, x, prep_rows):
     """(exact [R, N], bound [R, N]) of a stored part t of a blob applied to rows x [R, K]: chunk_dot
     of the int8 prep rows for quantized parts, else float64 (bound 2e-6 sum |w x|: the float kernels'
@@ -182,7 +169,7 @@ def test_moe_int8(rng, types):
     each stage against the twin on the previous stage's device output."""
     gtype, dtype, group = types
     D, I, A, T, slots = 160, 200, 2, 3, 4
-    pool, host, lay = _pool(rng, D, I, slots, gtype, dtype, group)
+    pool, host, lay = random_pool(rng, D, I, 1, slots, slots, gtype, dtype, group)
     table = rng.permutation(slots).astype(np.int32)
     pool.table[0] = cp.asarray(table)
     ids = np.array([rng.permutation(slots)[:A] for _ in range(T)], np.int32)
@@ -288,14 +275,7 @@ def test_decode_int8_matches_numpy_int8(case):
     g = DecodeGraph(gm, pool, cg)
     assert g.act == "int8" and g.prepD.act == "int8"
     tok = int(np.argmax(a[-1]))
-    g.start(tok, cg.pos)
-    g.step_eager()
-    g.stream.synchronize()
-    eager = cp.asnumpy(g.logits)
-    g.start(tok, cg.pos)
-    g.replay(1)
-    g.stream.synchronize()
-    np.testing.assert_array_equal(cp.asnumpy(g.logits), eager)
+    assert_replay_matches_eager(g, tok, cg.pos)
     for step in range(6):
         if step:
             g.replay(1)

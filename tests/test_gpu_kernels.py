@@ -20,6 +20,7 @@ from efengine.ops.numpy_backend import NumpyBackend
 
 
 from gpu_check import HAVE_GPU
+from gpu_helpers import random_pool  # noqa: E402
 
 
 def gpu(f):
@@ -30,7 +31,7 @@ if HAVE_GPU:
     import cupy as cp
     from efengine.ops import gpu_ops as ops
     from efengine.ops.cupy_backend import CupyBackend
-    from efengine.ops.gpu_weights import ExpertHandle, ExpertLayout, ExpertPool, GpuWeight
+    from efengine.ops.gpu_weights import ExpertHandle, GpuWeight
 
 NB = NumpyBackend()
 TOL_Q = 3e-3      # fp16 activations, fp16 partial sums of 8 products, fp32 accumulation
@@ -250,25 +251,12 @@ def test_router_kernel(rng, qtype):
 
 # ---- mixture of experts through the slot table ------------------------------------------------------
 
-def _random_pool(rng, D, I, E, slots, gtype, dtype, group):
-    lay, nb = expert_layout({"gate": (gtype, (I, D), group), "up": (gtype, (I, D), group),
-                             "down": (dtype, (D, I), group)})
-    host = np.zeros((slots, nb), np.uint8)
-    for s in range(slots):
-        for p, t in lay.items():
-            host[s, t.offset:t.offset + t.nbytes] = quant.quantize(
-                rng.standard_normal(t.shape) * t.shape[1] ** -0.5, t.type, t.group)
-    pool = ExpertPool(ExpertLayout(lay, nb), slots, 3, E)
-    pool.data[...] = cp.asarray(host)
-    return pool, host, lay
-
-
 @gpu
 @pytest.mark.parametrize("types", [("q4", "q4", 64), ("q8", "q4", 32), ("f16", "f16", 32), ("bf16", "q8", 32)])
 def test_moe_slot_table(rng, types):
     gtype, dtype, group = types
     D, I, E, A, T, L = 160, 200, 6, 2, 2, 1
-    pool, host, lay = _random_pool(rng, D, I, E, 5, gtype, dtype, group)
+    pool, host, lay = random_pool(rng, D, I, 3, E, 5, gtype, dtype, group)
     table = np.full((3, E), -1, np.int32)
     table[L] = rng.permutation([0, 1, 2, 3, 4, -1])
     ids = np.array([[e for e in rng.permutation(E) if table[L, e] >= 0][:A] for _ in range(T)], np.int32)
@@ -313,7 +301,7 @@ def _run_moe(pool, table, L, x, ids, rw):
 @pytest.mark.parametrize("T", [1, 5, 20])
 def test_expert_ffn_and_combine(rng, T):
     B = CupyBackend()
-    pool, host, lay = _random_pool(rng, 96, 160, 1, 1, "q4", "q8", 32)
+    pool, host, lay = random_pool(rng, 96, 160, 3, 1, 1, "q4", "q8", 32)
     handle = ExpertHandle(pool.base, pool.layout, pool.data)
     x = rng.standard_normal((T, 96)).astype(np.float32)
     got = cp.asnumpy(B.expert_ffn(cp.asarray(x), handle))

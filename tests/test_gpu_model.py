@@ -12,6 +12,7 @@ from efengine import quant
 from efengine.config import ModelConfig
 
 from gpu_check import HAVE_GPU, cp
+from gpu_helpers import assert_replay_matches_eager  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
 
@@ -62,14 +63,7 @@ def test_model_and_decode_graph(case):
         tok = int(np.argmax(a[-1]))
     # the graph continues the cupy cache; eager and replayed steps must agree bit for bit
     g = DecodeGraph(gm, pool, gc)
-    g.start(tok, gc.pos)
-    g.step_eager()
-    g.stream.synchronize()
-    eager = cp.asnumpy(g.logits)
-    g.start(tok, gc.pos)
-    g.replay(1)
-    g.stream.synchronize()
-    np.testing.assert_array_equal(cp.asnumpy(g.logits), eager)
+    assert_replay_matches_eager(g, tok, gc.pos)
     for step in range(4):
         if step:
             g.replay(1)
