@@ -1,0 +1,155 @@
+"""Causal attention of a prefill step through batched fp32 GEMMs (cuBLAS through cupy.matmul) and
+one fused mask + softmax kernel (kernels/attn_prefill.cu).
+
+Legend: T tokens of the step, H query heads, G kv heads, R = H / G query heads a kv head (GQA),
+dq / dv query-key / value head dims, S keys (cached positions 0 .. S-1; the model passes
+S = pos0 + T), Tb tokens of a query block [t0, t1), M = R * Tb score rows a group in a block,
+Sb = min(S, pos0 + t1) keys the block's queries can see.
+
+attention_prefill(q [T, H, dq], k [S, G, dq], v [S, G, dv], pos0, scale) -> out [T, H, dv] float32,
+the same causal softmax attention as NumpyBackend.attention (query t at absolute position
+pos0 + t sees keys 0 .. pos0 + t; query head h reads kv head h // R). Once a call:
+  kT [G, dq, S], vg [G, S, dv]: k and v regrouped by kv head (two small copies);
+then for each block of Tb query tokens (Tb keeps G * M * S fp32 scores under score_bytes):
+  1. qb [G, M, dq]: row tl * R + r of group g = q[t0 + tl, g * R + r] (a copy; the R heads of a
+     group share k and v, so one GEMM a group covers all R * Tb of its query rows);
+  2. scores [G, M, Sb] = qb @ kT[:, :, :Sb]   (cuBLAS sgemm, batched over G);
+  3. attn_softmax_*: in place, row-wise: x = s * scale, keys after the row's position masked
+     (exactly 0), max, exp, sum, divide: one launch;
+  4. ob [G, M, dv] = p @ vg[:, :Sb], scattered into out[t0:t1] viewed as [Tb, G, R, dv].
+Keys past pos0 + t1 are cut from a block (step 2's Sb): no later block's query needs fewer keys, so
+with several blocks the causal triangle's empty corner is partly skipped.
+
+Numerics: fp32 operands, fp32 accumulation, the numpy reference's operation order (scale after
+the dot product, max subtracted, division by the sum); only summation orders differ. CuPy's batched
+matmul runs cuBLAS with fp32 compute (TF32 only if asked for, e.g. CUPY_TF32=1 on some CuPy
+versions; the tests' bound would then fail).
+
+Why not always: for short steps (decode) the fused kernel of gpu_ops.attention reads k and v once
+and launches once, while this path makes copies, three launches a block and a score buffer; see
+MIN_T.
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError
+from . import gpu_kernels
+from .gpu_kernels import cdiv, cupy, f32, i32, i64, launch
+
+MODULE = "attn_prefill"
+gpu_kernels.MODULES.setdefault(MODULE, ("common.cuh", "attn_prefill.cu"))
+
+# Steps of at least MIN_T tokens take this path (CupyBackend.attention). At T = 64 with Mixtral's
+# shape the score GEMMs already have R * T = 256 rows a group, enough to fill cuBLAS tiles, and the
+# decode kernel's scalar fp32 dot products (4 query rows a warp) cost time that grows with T * S;
+# below it the few rows leave the GEMMs' tiles mostly empty and the fixed costs (copies, launches)
+# dominate.
+MIN_T = 64
+SCORE_BYTES = 256 * 1024 * 1024     # bound on a block's fp32 score buffer [G, M, Sb]
+WARPS = 8                           # rows a block of the softmax kernel (APF_WARPS in the .cu)
+PER = (8, 16, 32, 64)               # register-resident variants: rows of up to 32 * PER keys
+
+
+def softmax_kernel(S: int) -> str:
+    """Name of the softmax variant for rows of S keys."""
+    for per in PER:
+        if S <= 32 * per:
+            return f"attn_softmax_p{per}"
+    return "attn_softmax_any"
+
+
+def blocks(T: int, H: int, S: int, pos0: int, score_bytes: int = SCORE_BYTES) -> list[tuple[int, int, int]]:
+    """Query blocks (t0, t1, Sb): equal runs of Tb tokens (the last one shorter) with
+    H * Tb * S * 4 <= score_bytes (at least one token a block), Sb = min(S, pos0 + t1)."""
+    tb = max(1, min(T, score_bytes // (4 * H * S)))
+    return [(t0, min(T, t0 + tb), min(S, pos0 + min(T, t0 + tb))) for t0 in range(0, T, tb)]
+
+
+def masked_softmax_(scores, R: int, qpos0: int, scale: float) -> None:
+    """In place on scores [G, M, Sb] (float32, contiguous; row i of a group is query (i // R,
+    i % R) at absolute position qpos0 + i // R): s -> softmax over keys j <= position of s * scale,
+    masked keys 0."""
+    G, M, Sb = scores.shape
+    if scores.dtype != cupy.float32 or not scores.flags.c_contiguous or M % R:
+        raise ConfigError(f"masked_softmax_: scores must be contiguous float32 [G, R*Tb, S], "
+                          f"got {scores.dtype} {scores.shape} with R = {R}")
+    rows = G * M
+    if rows == 0 or Sb == 0:
+        return
+    launch(MODULE, softmax_kernel(Sb), (cdiv(rows, WARPS),), (32 * WARPS,),
+           (scores, i64(rows), i32(M), i32(Sb), i32(R), i32(qpos0), f32(scale)))
+
+
+def _check(q, k, v, pos0: int) -> None:
+    T, H, dq = q.shape
+    S, G, dk = k.shape
+    if dk != dq or v.ndim != 3 or v.shape[:2] != (S, G) or G == 0 or H % G:
+        raise ConfigError(f"attention_prefill: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                          "(q [T, H, dq], k [S, G, dq], v [S, G, dv], H a multiple of G)")
+    if S == 0 or pos0 < 0:
+        raise ConfigError(f"attention_prefill: needs at least one key and pos0 >= 0 (S {S}, pos0 {pos0})")
+    for a, name in ((q, "q"), (k, "k"), (v, "v")):
+        if a.dtype != cupy.float32:
+            raise ConfigError(f"attention_prefill: {name} must be float32, got {a.dtype}")
+
+
+def attention_prefill(q, k, v, pos0: int, scale: float, *, score_bytes: int = SCORE_BYTES):
+    """Causal GQA / MLA attention of T query tokens at positions pos0 .. pos0+T-1 over S keys.
+
+    q [T, H, dq], k [S, G, dq], v [S, G, dv]: float32 device arrays (any strides). pos0: host int.
+    score_bytes bounds the fp32 score buffer of one query block. Returns out [T, H, dv] float32.
+    """
+    pos0 = int(pos0)
+    _check(q, k, v, pos0)
+    T, H, dq = q.shape
+    S, G, dv = v.shape
+    R = H // G
+    out = cupy.empty((T, H, dv), dtype=cupy.float32)
+    if T == 0:
+        return out
+    kT = cupy.ascontiguousarray(k.transpose(1, 2, 0))           # [G, dq, S]
+    vg = cupy.ascontiguousarray(v.transpose(1, 0, 2))           # [G, S, dv]
+    plan = blocks(T, H, S, pos0, score_bytes)
+    tb = plan[0][1]
+    buf = cupy.empty(G * R * tb * plan[-1][2], dtype=cupy.float32)   # the largest block's scores
+    out4 = out.reshape(T, G, R, dv)
+    for t0, t1, sb in plan:
+        n = t1 - t0
+        qb = cupy.ascontiguousarray(q[t0:t1].reshape(n, G, R, dq).transpose(1, 0, 2, 3)).reshape(G, R * n, dq)
+        scores = buf[:G * R * n * sb].reshape(G, R * n, sb)
+        cupy.matmul(qb, kT if sb == S else kT[:, :, :sb], out=scores)
+        masked_softmax_(scores, R, pos0 + t0, scale)
+        ob = cupy.matmul(scores, vg if sb == S else vg[:, :sb])         # [G, R*n, dv]
+        out4[t0:t1] = ob.reshape(G, n, R, dv).transpose(1, 0, 2, 3)
+    return out
+
+
+def bench(Ts=(16, 32, 48, 64, 96, 128, 256, 512, 1024, 2048), H: int = 32, G: int = 8, d: int = 128,
+          reps: int = 20) -> list[dict]:
+    """Microseconds a call of attention_prefill and of gpu_ops.attention (the fused decode kernel)
+    take for T tokens at pos0 = 0 (Mixtral-8x7B's heads by default), and their max abs difference
+    relative to max |out|."""
+    from . import gpu_ops
+    rows = []
+    rng = cupy.random.default_rng(0)
+    for T in Ts:
+        q, k, v = (rng.standard_normal(s, dtype=cupy.float32) for s in ((T, H, d), (T, G, d), (T, G, d)))
+        res = {}
+        for name, f in (("gemm", attention_prefill), ("fused", gpu_ops.attention)):
+            out = f(q, k, v, 0, d ** -0.5)                       # warm-up (compiles)
+            t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
+            t0.record()
+            for _ in range(reps):
+                f(q, k, v, 0, d ** -0.5)
+            t1.record()
+            t1.synchronize()
+            res[name] = (1e3 * cupy.cuda.get_elapsed_time(t0, t1) / reps, out)
+        err = float(cupy.abs(res["gemm"][1] - res["fused"][1]).max() / cupy.abs(res["fused"][1]).max())
+        rows.append({"T": T, "gemm_us": round(res["gemm"][0], 1), "fused_us": round(res["fused"][0], 1),
+                     "max_diff": err})
+    return rows
+
+
+if __name__ == "__main__":      # python -m efengine.ops.gpu_attn_prefill (on a GPU): JSON lines
+    import json
+    for r in bench():
+        print(json.dumps(r))
