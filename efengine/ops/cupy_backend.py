@@ -27,6 +27,7 @@ from ..format import expert_layout
 from . import act_int8
 from . import gpu_ops as ops
 from . import gpu_prefill
+from . import gpu_attn_prefill
 from .gpu_kernels import cupy
 from .gpu_weights import ExpertHandle, ExpertLayout, GpuWeight, make_weight, upload_blob
 
@@ -113,6 +114,8 @@ class CupyBackend:
         return ops.rope(x, cos, sin, interleaved)
 
     def attention(self, q, k, v, pos0: int, scale: float):
+        if q.shape[0] >= gpu_attn_prefill.MIN_T:         # prefill: batched GEMMs + fused softmax
+            return gpu_attn_prefill.attention_prefill(q, k, v, pos0, scale)
         if q.strides[-1] != 4:
             q = cupy.ascontiguousarray(q)
         return ops.attention(q, cupy.ascontiguousarray(k), cupy.ascontiguousarray(v), pos0, scale)
