@@ -15,15 +15,17 @@ def cupy_available() -> bool:
         return False
 
 
-def get_backend(name: str = "numpy"):
-    """A backend object by name; "auto" picks cupy when a GPU is usable, numpy otherwise."""
+def get_backend(name: str = "numpy", act: str | None = None):
+    """A backend object by name; "auto" picks cupy when a GPU is usable, numpy otherwise.
+    act ("f16" | "int8"; None = the backend's default): its activation format (act_int8.py)."""
     if not isinstance(name, str):
         return name   # already a backend object
     if name == "auto":
         name = "cupy" if cupy_available() else "numpy"
+    kw = {} if act is None else {"act": act}
     if name == "numpy":
         from .numpy_backend import NumpyBackend
-        return NumpyBackend()
+        return NumpyBackend(**kw)
     if name == "cupy":
         if not cupy_available():
             raise ConfigError("backend 'cupy' needs CuPy and a CUDA GPU (pip install efengine[cuda12]); "
@@ -32,5 +34,5 @@ def get_backend(name: str = "numpy"):
             from .cupy_backend import CupyBackend
         except ImportError as e:
             raise ConfigError(f"backend 'cupy' is not available in this build ({e})") from None
-        return CupyBackend()
+        return CupyBackend(**kw)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

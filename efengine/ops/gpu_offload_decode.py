@@ -98,7 +98,7 @@ class OffloadDecodeGraph(DecodeGraph):
             self.pids = cupy.zeros((S, A), dtype=cupy.int32)
             self.pwts = cupy.zeros((S, A), dtype=cupy.float32)
             self.px32 = cupy.zeros((1, D), dtype=cupy.float32)
-            self.pprep = ops.XPrep(1, D, self.prepD.KX)
+            self.pprep = ops.XPrep(1, D, self.prepD.KX, self.prepD.act)   # the graph's format
 
     def reset_host(self) -> None:
         self.host = dict.fromkeys(HOST_KEYS, 0.0)
