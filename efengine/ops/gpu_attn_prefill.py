@@ -25,6 +25,12 @@ the dot product, max subtracted, division by the sum); only summation orders dif
 matmul runs cuBLAS with fp32 compute (TF32 only if asked for, e.g. CUPY_TF32=1 on some CuPy
 versions; the tests' bound would then fail).
 
+Cost (H100, Mixtral's heads, T = 512, pos0 = 0; GPU time): 174 us a call: the two GEMMs 57 + 51
+us (~40 TFLOP/s of fp32 FMA), softmax 24 us (64 MiB in and out, ~2.7 TB/s), the q / k / v / out
+regrouping copies ~36 us. The host spends ~200-300 us of CuPy calls on it (that machine's CPU),
+hidden while the GPU has earlier work queued; `python -m efengine.ops.gpu_attn_prefill` (on a
+GPU) times both paths back to back (JSON lines).
+
 Why not always: for short steps (decode) the fused kernel of gpu_ops.attention reads k and v once
 and launches once, while this path makes copies, three launches a block and a score buffer; see
 MIN_T.
@@ -38,11 +44,12 @@ from .gpu_kernels import cdiv, cupy, f32, i32, i64, launch
 MODULE = "attn_prefill"
 gpu_kernels.MODULES.setdefault(MODULE, ("common.cuh", "attn_prefill.cu"))
 
-# Steps of at least MIN_T tokens take this path (CupyBackend.attention). At T = 64 with Mixtral's
-# shape the score GEMMs already have R * T = 256 rows a group, enough to fill cuBLAS tiles, and the
-# decode kernel's scalar fp32 dot products (4 query rows a warp) cost time that grows with T * S;
-# below it the few rows leave the GEMMs' tiles mostly empty and the fixed costs (copies, launches)
-# dominate.
+# Steps of at least MIN_T tokens take this path (CupyBackend.attention). Measured on an H100 (GPU
+# time a call, us, this path / gpu_ops.attention): Mixtral's heads (H 32, G 8, d 128) at pos0 = 0:
+# T 64: 27 / 19, T 96: 33 / 31, T 128: 39 / 40, T 256: 67 / 120, T 512: 174 / 321; after a cached
+# prefix the fused kernel's cost grows with T * S and this path wins earlier (T 64, pos0 960: 81 /
+# 147); MLA without GQA (H = G = 16, dq 192, dv 128) at T 64, pos0 0: 29 / 52. So 64: a first
+# chunk of 64..~110 tokens with GQA loses <= 9 us a layer, every other long step gains.
 MIN_T = 64
 SCORE_BYTES = 256 * 1024 * 1024     # bound on a block's fp32 score buffer [G, M, Sb]
 WARPS = 8                           # rows a block of the softmax kernel (APF_WARPS in the .cu)
@@ -123,33 +130,50 @@ def attention_prefill(q, k, v, pos0: int, scale: float, *, score_bytes: int = SC
     return out
 
 
+def _time(f, reps: int) -> tuple[float, float]:
+    """(GPU us, wall us) a call of f: GPU time with the queue filled beforehand (the host enqueues
+    every call while a ~20 ms fp32 GEMM runs), wall time back to back (the host's cost too)."""
+    import time
+    f()
+    busy = cupy.ones((8192, 8192), dtype=cupy.float32)
+    cupy.cuda.Device().synchronize()
+    t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
+    cupy.matmul(busy, busy)
+    t0.record()
+    for _ in range(reps):
+        f()
+    t1.record()
+    t1.synchronize()
+    w0 = time.perf_counter()
+    for _ in range(reps):
+        f()
+    cupy.cuda.Device().synchronize()
+    return 1e3 * cupy.cuda.get_elapsed_time(t0, t1) / reps, 1e6 * (time.perf_counter() - w0) / reps
+
+
 def bench(Ts=(16, 32, 48, 64, 96, 128, 256, 512, 1024, 2048), H: int = 32, G: int = 8, d: int = 128,
-          reps: int = 20) -> list[dict]:
-    """Microseconds a call of attention_prefill and of gpu_ops.attention (the fused decode kernel)
-    take for T tokens at pos0 = 0 (Mixtral-8x7B's heads by default), and their max abs difference
-    relative to max |out|."""
+          pos0: int = 0, reps: int = 20) -> list[dict]:
+    """attention_prefill against gpu_ops.attention (the fused decode kernel) for T tokens after pos0
+    cached ones (Mixtral-8x7B's heads by default): us a call (GPU, wall) and their max abs
+    difference relative to max |out|."""
     from . import gpu_ops
     rows = []
     rng = cupy.random.default_rng(0)
     for T in Ts:
-        q, k, v = (rng.standard_normal(s, dtype=cupy.float32) for s in ((T, H, d), (T, G, d), (T, G, d)))
-        res = {}
+        S = pos0 + T
+        q, k, v = (rng.standard_normal(s, dtype=cupy.float32) for s in ((T, H, d), (S, G, d), (S, G, d)))
+        row = {"T": T, "pos0": pos0}
+        outs = []
         for name, f in (("gemm", attention_prefill), ("fused", gpu_ops.attention)):
-            out = f(q, k, v, 0, d ** -0.5)                       # warm-up (compiles)
-            t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
-            t0.record()
-            for _ in range(reps):
-                f(q, k, v, 0, d ** -0.5)
-            t1.record()
-            t1.synchronize()
-            res[name] = (1e3 * cupy.cuda.get_elapsed_time(t0, t1) / reps, out)
-        err = float(cupy.abs(res["gemm"][1] - res["fused"][1]).max() / cupy.abs(res["fused"][1]).max())
-        rows.append({"T": T, "gemm_us": round(res["gemm"][0], 1), "fused_us": round(res["fused"][0], 1),
-                     "max_diff": err})
+            outs.append(f(q, k, v, pos0, d ** -0.5))
+            gpu, wall = _time(lambda: f(q, k, v, pos0, d ** -0.5), reps)
+            row[f"{name}_gpu_us"], row[f"{name}_wall_us"] = round(gpu, 1), round(wall, 1)
+        row["max_diff"] = float(cupy.abs(outs[0] - outs[1]).max() / cupy.abs(outs[1]).max())
+        rows.append(row)
     return rows
 
 
 if __name__ == "__main__":      # python -m efengine.ops.gpu_attn_prefill (on a GPU): JSON lines
     import json
-    for r in bench():
+    for r in bench() + bench(Ts=(32, 64, 128, 512), pos0=960):
         print(json.dumps(r))
