@@ -25,6 +25,11 @@ Contract of an ExpertProvider (subclass ExpertProvider; every hook but begin_lay
   end_layer(layer)            the model is done with every handle of this layer (slots may be
                               reused / evicted from now on; handles must stay valid until then).
   end_step()                  the forward step finished.
+  layer_handles(layer)        optional: {expert id: handle} for EVERY expert of the layer when all
+                              of them are resident and stay so until end_layer, else None. A
+                              backend that can group a prefill's pairs on the device
+                              (moe_prefill_device) then skips the host round trip of the ids and
+                              begin_layer; the provider sees only end_layer for that layer.
 
 The order of yielding never changes the result: each (token, rank) output has its own slot and
 the weighted sum runs in rank order (backend.moe_combine). The model checks that every expert it
@@ -54,6 +59,9 @@ class ExpertProvider:
 
     def end_layer(self, layer: int) -> None:
         pass
+
+    def layer_handles(self, layer: int) -> dict | None:
+        return None
 
     def end_step(self) -> None:
         pass

@@ -269,12 +269,15 @@ class Model:
         ids, weights = b.route(logits, cfg)
         if self.route_hook is not None:
             ids, weights = self.route_hook(l, logits, ids, weights)
+        grouped = T >= getattr(b, "MOE_PREFILL_MIN_T", T + 1)
+        y = self._moe_on_device(l, x, ids) if grouped else None
+        if y is not None:
+            return self._moe_out(w, x, y.reshape(T, A, D), weights)
         ids_h = np.asarray(b.to_host(ids), dtype=np.int32)                 # [T, A]
         flat = ids_h.reshape(-1)
         order = np.argsort(flat, kind="stable")                            # slots sorted by expert id
         experts, starts = np.unique(flat[order], return_index=True)
         bounds = dict(zip(experts.tolist(), zip(starts.tolist(), [*starts[1:].tolist(), flat.size])))
-        grouped = T >= getattr(b, "MOE_PREFILL_MIN_T", T + 1)
         if grouped and self._can_group(len(bounds)):
             y, done = self._moe_grouped(l, x, ids_h, bounds)
         else:
@@ -292,7 +295,23 @@ class Model:
         self.experts.end_layer(l)
         if len(done) != len(bounds):
             raise EfError(f"expert provider did not provide experts {sorted(set(bounds) - done)} of layer {l}")
-        out = b.moe_combine(y.reshape(T, A, D), weights)
+        return self._moe_out(w, x, y.reshape(T, A, D), weights)
+
+    def _moe_on_device(self, l: int, x, ids):
+        """A prefill whose experts are all resident, grouped on the device (backend.moe_prefill_device):
+        y [T*A, D], or None where the backend or the provider cannot (then the host groups them)."""
+        run = getattr(self.backend, "moe_prefill_device", None)
+        ask = getattr(self.experts, "layer_handles", None)
+        handles = ask(l) if run is not None and ask is not None else None
+        y = run(x, ids, handles) if handles else None
+        if y is not None:
+            self.experts.end_layer(l)
+        return y
+
+    def _moe_out(self, w: dict, x, y, weights):
+        """Routed outputs y [T, A, D] combined in rank order, plus the shared experts."""
+        cfg, b = self.cfg, self.backend
+        out = b.moe_combine(y, weights)
         if cfg.n_shared_experts:
             shared = self._ffn(w, x, "_shexp")
             if cfg.shared_expert_gate:

@@ -177,6 +177,59 @@ def test_grouped_kernels_match_numpy(rng, case):
     assert r["grouped"] and r["finite"]
     assert r["rel_rms"] < TOL_MM
     assert r["max_rel"] < 3 * TOL_MM
+    assert r["device_plan_equal"]          # moe_prefill_device: the same bits as the host plan
+    assert r["tile_rows_equal"]            # 128-row tiles (8 warps): the same bits as 64-row ones
+
+
+@gpu
+@pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")
+@pytest.mark.parametrize("T,A,E,bm", [(1, 2, 8, 64), (300, 4, 60, 64), (70, 6, 64, 64), (400, 2, 8, 128)])
+def test_device_plan_groups_every_pair_once(rng, T, A, E, bm):
+    """mg_plan: tables as plan() makes them, up to the order of pairs within an expert."""
+    import cupy as cp
+    from efengine.ops.gpu_kernels import i32, launch
+    ids = np.stack([rng.permutation(E - 3)[:A] for _ in range(T)]).astype(np.int32)   # 3 experts unused
+    P = T * A
+    n_max = -(-P // bm) + E
+    tabs = cp.full(2 * P + 4 * n_max, -7, dtype=cp.int32)
+    launch(gpu_prefill.MODULE, "mg_plan", (1,), (1024,), (cp.asarray(ids), i32(P), i32(A), i32(E), i32(bm),
+           tabs[:P], tabs[P:2 * P], tabs[2 * P:], i32(n_max)), shared=8 * E)
+    t = cp.asnumpy(tabs)
+    arow, slot, tiles = t[:P], t[P:2 * P], t[2 * P:].reshape(n_max, 4)
+    flat = ids.reshape(-1)
+    assert sorted(slot.tolist()) == list(range(P)) and np.array_equal(arow, slot // A)
+    assert np.all(np.diff(flat[slot]) >= 0)                         # grouped in expert order
+    _, _, host_tiles = gpu_prefill.plan(ids, bm)
+    used = tiles[tiles[:, 2] > 0]
+    np.testing.assert_array_equal(used[:, 1:], host_tiles[:, 1:])   # same tiles (expert index = id here)
+    np.testing.assert_array_equal(used[:, 0], np.unique(flat)[host_tiles[:, 0]])
+    assert np.all(tiles[len(used):] == 0)                           # spare tiles are empty
+
+
+@gpu
+@pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")
+def test_model_prefill_groups_on_device_same_bits():
+    """A resident pool: Model._moe groups a prefill on the device (no host round trip) and gets the
+    very bits of the host-grouped path (a provider that does not offer layer_handles)."""
+    from efengine.model import Model
+    from efengine.ops.gpu_synth import DeviceRandomSource
+    from efengine.ops.gpu_weights import PoolExperts
+    from test_gpu_model import cfg_of
+
+    class HostGrouped(PoolExperts):
+        def layer_handles(self, layer):
+            return None
+
+    src = DeviceRandomSource(cfg_of("qwen"), experts="q4", dense="q8", group=32, seed=3)
+    pool = src.pool()
+    dev, host = Model(src, "cupy", experts=PoolExperts(pool)), Model(src, "cupy", experts=HostGrouped(pool))
+    calls = []
+    run = dev.backend.moe_prefill_device
+    dev.backend.moe_prefill_device = lambda *a: calls.append(1) or run(*a)
+    prompt = np.random.default_rng(0).integers(0, src.config.vocab_size, 40)
+    a, b = dev.forward(prompt, dev.new_cache(64)), host.forward(prompt, host.new_cache(64))
+    assert len(calls) == 2                                          # both MoE layers
+    np.testing.assert_array_equal(a, b)
 
 
 @gpu

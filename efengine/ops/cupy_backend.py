@@ -46,6 +46,7 @@ class CupyBackend:
 
     def __init__(self, act: str = "f16"):
         self._layouts: dict[int, ExpertLayout] = {}
+        self._wtabs: dict[tuple, tuple] = {}     # expert base addresses -> moe_prefill_device tables
         self.act = act_int8.check_act(act)
 
     # ---- transfers and weights --------------------------------------------------------------
@@ -177,6 +178,19 @@ class CupyBackend:
             slots = cupy.asarray(order[p0:p0 + n])
             y[slots] = self.expert_ffn(x[slots // A], handles[int(experts[ei])])
         return y
+
+    def moe_prefill_device(self, x, ids, handles: dict):
+        """moe_prefill with ids [T, A] on the device and handles = every expert of the layer (all
+        resident): no host round trip. None if the grouped kernels do not take these experts."""
+        key = tuple(handles[e].base for e in sorted(handles))
+        tables = self._wtabs.get(key)
+        if tables is None:
+            if not gpu_prefill.grouped_ok(handles):
+                return None
+            if len(self._wtabs) > 4096:          # address tables of replaced pools
+                self._wtabs.clear()
+            tables = self._wtabs[key] = gpu_prefill.weight_tables({e: handles[e] for e in sorted(handles)})
+        return gpu_prefill.moe_prefill_device(x, ids, handles, tables)
 
     def moe_combine(self, y, weights):
         acc = y[:, 0] * weights[:, 0, None]

@@ -6,7 +6,9 @@ width, BM pairs a tile, K / Kp a matrix's inputs / inputs padded to whole groups
 
 moe_prefill(x [T, D] f32, ids [T, A] host int, handles {e: ExpertHandle}) -> y [P, D] f32 where
 row t*A + a is expert ids[t, a] applied to x[t] (unweighted: Model._moe combines in rank order).
-  1. pairs sorted by expert on the host (stable argsort; one small upload of the tables);
+  1. pairs grouped by expert: on the host (stable argsort; one small upload of the tables), or, in
+     moe_prefill_device (ids on the device, every expert of the layer resident), by one small
+     kernel (mg_plan), so a resident prefill never waits for the host between layers;
   2. x -> fp16 rows scaled by powers of two (gpu_ops.to_f16_rows), gathered by the kernel;
   3. mg_gateup: h [P, I] = silu(gate x) * up x in sorted pair order (float32);
   4. h -> fp16 rows (to_f16_rows again: h's range is not known before it exists);
@@ -29,8 +31,20 @@ from .gpu_weights import ExpertHandle, ExpertLayout, PartPlace
 
 MODULE = "moe_gemm"
 gpu_kernels.MODULES.setdefault(MODULE, ("common.cuh", "moe_gemm.cu"))
-BM, BN, THREADS, LDS = 64, 128, 128, 72        # as MG_BM, MG_BN, MG_THREADS, MG_LDS in moe_gemm.cu
-SMEM = 2 * (BM + BN) * LDS * 2                 # two stages of A [BM, LDS] and B [BN, LDS] fp16
+BM, BN, LDS = 64, 128, 72                      # BM: rows of the default tile; MG_BN, MG_LDS in moe_gemm.cu
+BM_BIG = 128                                   # the _m128 kernels' tiles (8 warps, 2 threads a row)
+
+
+def smem(bm: int) -> int:
+    """Two stages of A [bm, LDS] and B [BN, LDS] fp16."""
+    return 2 * (bm + BN) * LDS * 2
+
+
+def tile_rows(pairs: int, experts: int) -> int:
+    """128-row tiles once experts average 96+ pairs (a widened weight tile then serves twice the
+    rows), else 64 (fewer idle warps on small experts). Rows are computed independently of their
+    tile, so the choice never changes a bit of the result."""
+    return BM_BIG if pairs >= 96 * max(experts, 1) else BM
 KINDS = ("q4", "q8", "f16", "bf16")
 
 
@@ -89,9 +103,10 @@ def _wtab(handles: dict, experts, parts: tuple) -> np.ndarray:
     return np.array(rows, dtype=np.uint64)
 
 
-def moe_prefill(x, ids: np.ndarray, handles: dict, marks: list | None = None):
+def moe_prefill(x, ids: np.ndarray, handles: dict, marks: list | None = None, bm: int | None = None):
     """y [T*A, D] f32: row t*A + a = expert ids[t, a] on x[t]. x [T, D] f32 device; ids host.
-    marks: a list to which CUDA events are appended after the tables, gate/up and down stages."""
+    marks: a list to which CUDA events are appended after the tables, gate/up and down stages;
+    bm: rows a tile (BM or BM_BIG; default tile_rows)."""
     ids = np.asarray(ids)
     T, D = x.shape
     A = ids.shape[1]
@@ -101,33 +116,80 @@ def moe_prefill(x, ids: np.ndarray, handles: dict, marks: list | None = None):
     lost = [int(e) for e in experts if int(e) not in handles]
     if lost:
         raise ConfigError(f"moe_prefill: no handle for experts {lost}")
-    if not grouped_ok({int(e): handles[int(e)] for e in experts}):
-        raise ConfigError("moe_prefill: these experts' layout is not one the grouped kernels take")
-    lay: ExpertLayout = handles[int(experts[0])].layout
-    g, d = lay.parts["gate"], lay.parts["down"]
-    I = g.shape[0]
-    if g.shape[1] != D or d.shape != (D, I):
-        raise ConfigError(f"moe_prefill: x has {D} columns, experts are gate {g.shape}, down {d.shape}")
-    x = cupy.ascontiguousarray(x, dtype=cupy.float32)
-    P, n_tiles = T * A, tiles.shape[0]
+    sel = {int(e): handles[int(e)] for e in experts}
+    lay = _layout(sel, D)
+    P = T * A
+    bm = tile_rows(P, len(experts)) if bm is None else bm
+    if bm != BM:
+        order, experts, tiles = plan(ids, bm)
     tabs = cupy.asarray(np.concatenate([order // A, order, tiles.reshape(-1)]).astype(np.int32))
-    arow, slots, tl = tabs[:P], tabs[P:2 * P], tabs[2 * P:]
+    wgu, wdn = weight_tables(sel)
+    _mark(marks)
+    return _gemms(x, tabs[:P], tabs[P:2 * P], tabs[2 * P:], tiles.shape[0], bm, wgu, wdn, lay, marks)
+
+
+def moe_prefill_device(x, ids, handles: dict, tables: tuple | None = None, marks: list | None = None,
+                       bm: int | None = None):
+    """moe_prefill with the routing on the device: ids [T, A] int32 device array, handles = every
+    expert of the layer {0..E-1: ExpertHandle} (all resident), so nothing is read back to the host
+    and the host can queue the following work at once. tables = weight_tables(handles), made once
+    by a caller that reuses them. Same products as moe_prefill, row by row."""
+    T, D = x.shape
+    A = ids.shape[1]
+    E = len(handles)
+    if ids.shape[0] != T or sorted(handles) != list(range(E)):
+        raise ConfigError(f"moe_prefill_device: ids {ids.shape} for {T} tokens, or handles not 0..E-1")
+    handles = {e: handles[e] for e in range(E)}
+    lay = _layout(handles, D)
+    P = T * A
+    bm = tile_rows(P, E) if bm is None else bm
+    n_max = cdiv(P, bm) + E                    # each expert adds at most one partial tile
+    tabs = cupy.empty(2 * P + 4 * n_max, dtype=cupy.int32)
+    ids = cupy.ascontiguousarray(cupy.asarray(ids, dtype=cupy.int32))
+    launch(MODULE, "mg_plan", (1,), (1024,), (ids, i32(P), i32(A), i32(E), i32(bm), tabs[:P], tabs[P:2 * P],
+                                              tabs[2 * P:], i32(n_max)), shared=8 * E)
+    wgu, wdn = tables if tables is not None else weight_tables(handles)
+    _mark(marks)
+    return _gemms(x, tabs[:P], tabs[P:2 * P], tabs[2 * P:], n_max, bm, wgu, wdn, lay, marks)
+
+
+def _layout(handles: dict, D: int) -> ExpertLayout:
+    if not grouped_ok(handles):
+        raise ConfigError("moe_prefill: these experts' layout is not one the grouped kernels take")
+    lay: ExpertLayout = next(iter(handles.values())).layout
+    g, d = lay.parts["gate"], lay.parts["down"]
+    if g.shape[1] != D or d.shape != (D, g.shape[0]):
+        raise ConfigError(f"moe_prefill: x has {D} columns, experts are gate {g.shape}, down {d.shape}")
+    return lay
+
+
+def weight_tables(handles: dict) -> tuple:
+    """Device u64 tables of the experts' part addresses, in the order of handles' keys (the
+    expert index of a tile): gate+up [n, 6] and down [n, 3] (q, s, m each)."""
+    experts = np.array(list(handles), dtype=np.int64)
     wt = cupy.asarray(np.concatenate([_wtab(handles, experts, ("gate", "up")).reshape(-1),
                                       _wtab(handles, experts, ("down",)).reshape(-1)]))
-    wgu, wdn = wt[:6 * len(experts)], wt[6 * len(experts):]
-    _mark(marks)
+    return wt[:6 * len(experts)], wt[6 * len(experts):]
+
+
+def _gemms(x, arow, slots, tl, n_tiles: int, bm: int, wgu, wdn, lay: ExpertLayout, marks):
+    """The two grouped launches over tiles tl [n_tiles, 4] of bm rows -> y [P, D] in (token, rank) slots."""
+    sfx = {BM: "", BM_BIG: "_m128"}[bm]
+    g, d = lay.parts["gate"], lay.parts["down"]
+    I, D, P = g.shape[0], g.shape[1], slots.shape[0]
+    x = cupy.ascontiguousarray(x, dtype=cupy.float32)
     x16, xinv = _rows16(x)
     ldh = cdiv(I, 8) * 8
     h = cupy.empty((P, ldh), dtype=cupy.float32)
-    launch(MODULE, f"mg_gateup_{g.qtype}", (n_tiles, cdiv(ldh, BN // 2)), (THREADS,),
+    launch(MODULE, f"mg_gateup_{g.qtype}{sfx}", (n_tiles, cdiv(ldh, BN // 2)), (2 * bm,),
            (tl, wgu, x16, i32(x16.shape[1]), i32(x16.shape[1]), arow, xinv, i32(I), i32(D), i32(g.Kp),
-            i32(_gsh(g)), h, i32(ldh), ptr(None)), shared=SMEM)
+            i32(_gsh(g)), h, i32(ldh), ptr(None)), shared=smem(bm))
     _mark(marks)
     h16, hinv = _rows16(h)
     y = cupy.empty((P, D), dtype=cupy.float32)
-    launch(MODULE, f"mg_down_{d.qtype}", (n_tiles, cdiv(D, BN)), (THREADS,),
+    launch(MODULE, f"mg_down_{d.qtype}{sfx}", (n_tiles, cdiv(D, BN)), (2 * bm,),
            (tl, wdn, h16, i32(ldh), i32(ldh), ptr(None), hinv, i32(D), i32(I), i32(d.Kp), i32(_gsh(d)),
-            y, i32(D), slots), shared=SMEM)
+            y, i32(D), slots), shared=smem(bm))
     _mark(marks)
     return y
 
@@ -184,7 +246,11 @@ def check_case(rng, T: int, A: int, E: int, D: int, I: int, qtype: str, group: i
     ref = reference(x, ids, weights)
     out = {"qtype": qtype, "down": down or qtype, "T": T, "A": A, "E": E, "D": D, "I": I, "group": group,
            "grouped": ok}
-    if got is not None:
+    if got is not None:      # the device-made plan: the same products, bit for bit
+        dev_y = moe_prefill_device(cupy.asarray(x), cupy.asarray(ids), handles)
+        out["device_plan_equal"] = bool(np.array_equal(cupy.asnumpy(dev_y), got))
+        big = cupy.asnumpy(moe_prefill(cupy.asarray(x), ids, handles, bm=BM_BIG))
+        out["tile_rows_equal"] = bool(np.array_equal(big, got))       # 64 vs 128-row tiles
         err = np.abs(got - ref)
         out["rel_rms"] = quant.rel_rms(ref, got)
         out["max_rel"] = float(err.max() / np.abs(ref).max())
@@ -225,6 +291,9 @@ def bench(T: int = 512, A: int = 2, E: int = 8, D: int = 4096, I: int = 14336, q
     ids = np.stack([rng.permutation(E)[:A] for _ in range(T)]).astype(np.int32)
     x = cupy.asarray(rng.standard_normal((T, D)).astype(np.float32))
     t = _timed(lambda: moe_prefill(x, ids, handles))
+    ids_d, tables = cupy.asarray(ids), weight_tables(handles)
+    t_dev = _timed(lambda: moe_prefill_device(x, ids_d, handles, tables))
+    by_rows = {bm: 1e3 * _timed(lambda: moe_prefill_device(x, ids_d, handles, tables, bm=bm)) for bm in (BM, BM_BIG)}
     marks: list = []
     e0 = cupy.cuda.Event()
     e0.record()
@@ -240,7 +309,10 @@ def bench(T: int = 512, A: int = 2, E: int = 8, D: int = 4096, I: int = 14336, q
     rate = 2 * m ** 3 / tm
     return {"T": T, "A": A, "E": E, "D": D, "I": I, "qtype": qtype, "group": group,
             "pairs_per_expert": counts.tolist(), "tiles": int(plan(ids)[2].shape[0]), "layer_ms": 1e3 * t,
+            "layer_ms_device_plan": 1e3 * t_dev, "layer_ms_device_plan_by_tile_rows": by_rows,
+            "tile_rows": tile_rows(T * A, E),
             "stage_ms": dict(zip(("tables", "x16+gateup", "h16+down"), stage)), "TFLOPs": flops / t / 1e12,
+            "TFLOPs_device_plan": flops / t_dev / 1e12,
             "matmul_f16_TFLOPs": rate / 1e12, "frac_matmul": flops / t / rate, "weight_GBps": E * nbytes / t / 1e9,
             "device": cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()}
 
@@ -268,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng()
         res["check"] = [check_case(rng, *c) for c in CHECKS]
         res["max_rel_rms"] = max(c.get("rel_rms", 0.0) for c in res["check"])
-        res["check_ok"] = all(c["grouped"] and c["finite"] and c["rel_rms"] < 1e-2 for c in res["check"])
+        res["check_ok"] = all(c["grouped"] and c["finite"] and c["rel_rms"] < 1e-2 and c["device_plan_equal"]
+                              and c["tile_rows_equal"] for c in res["check"])
     if a.bench:
         res["bench"] = bench(T=a.tokens, qtype=a.qtype, group=a.group, **SHAPES[a.shape])
     print(json.dumps(res, indent=1))

@@ -279,3 +279,9 @@ class PoolExperts(ExpertProvider):
     def begin_layer(self, layer: int, ids: np.ndarray):
         for e in np.unique(ids):
             yield int(e), self.pool.handle(layer, int(e))
+
+    def layer_handles(self, layer: int) -> dict | None:
+        """Every expert of the layer (a resident pool holds them all), or None if one is not."""
+        if any((layer, e) not in self.pool.where for e in range(self.pool.E)):
+            return None
+        return {e: self.pool.handle(layer, e) for e in range(self.pool.E)}

@@ -9,7 +9,8 @@
 // One launch covers every expert of a layer. tiles[b] = (expert index, first pair p0, rows m, 0)
 // with m <= BM pairs of one expert; grid (tiles, column blocks). wtab[e] = device addresses of
 // the expert's parts: gate q s m, up q s m (mg_gateup) or down q s m (mg_down).
-// A block: 4 warps, 2 along M x 2 along N, each a 32 x 64 sub-tile = 2 x 8 MMAs per k16.
+// A block: BM / 16 warps (4 for BM = 64, 8 for the _m128 kernels: each widened B tile then
+// serves twice the rows), BM / 32 along M x 2 along N, each a 32 x 64 sub-tile = 2 x 8 MMAs a k16.
 // Per k-step: A (fp16 rows, see to_f16_rows) -> smem by cp.async (rows past m and columns past
 // ka zero-filled); B -> registers (issued one k-step ahead, so the loads fly during the MMAs),
 // widened to fp16 and stored to smem; then ldmatrix + mma. Two smem stages, one barrier a step.
@@ -21,14 +22,14 @@
 // mg_down_*: y[orow[p], n] = (h16 row p . down row n) * ainv[p], rows of y = (token, rank) slots:
 //   every element is written by exactly one thread, no atomics, so the bits never depend on
 //   scheduling.
-#define MG_BM 64
 #define MG_BN 128
 #define MG_BK 64
+#ifndef MG_SPLIT
+#define MG_SPLIT 1                           // the k16 step after which the next stage is widened
+#endif
 #define MG_LDS 72                            // smem row stride in halves: 144 B, ldmatrix conflict-free
-#define MG_THREADS 128
-#define MG_A_STAGE (MG_BM * MG_LDS)          // halves a stage
 #define MG_B_STAGE (MG_BN * MG_LDS)
-// dynamic shared memory: 2 * (MG_A_STAGE + MG_B_STAGE) * 2 bytes = 55296
+// dynamic shared memory: 2 * (BM + BN) * LDS * 2 bytes = 55296 (BM 64) or 73728 (BM 128)
 
 __device__ __forceinline__ u32 mg_smem(const void* p) {
     u32 s;
@@ -46,9 +47,10 @@ __device__ __forceinline__ void mg_ldsm4(u32 addr, u32* r) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
 }
-// c[16x8] += a[16x16] (row) * b[16x8] (col), fp16 in, fp32 accumulate
+// c[16x8] += a[16x16] (row) * b[16x8] (col), fp16 in, fp32 accumulate. Not volatile: it has no
+// side effects, so the compiler may interleave it with the widening of the next stage.
 __device__ __forceinline__ void mg_mma(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -143,7 +145,7 @@ __device__ __forceinline__ void mg_widen(uint4 raw, u16 s, u16 m, u16* dst) {
     }
 }
 
-template <int WT, bool GATEUP>
+template <int WT, bool GATEUP, int BM>
 __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64* __restrict__ wtab,
                                         const u16* __restrict__ xa, int lda, int ka,
                                         const int* __restrict__ arow, const float* __restrict__ ainv,
@@ -151,13 +153,15 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
                                         const int* __restrict__ orow) {
     typedef MgW<WT> W;
     constexpr bool QUANT = WT == WT_Q4 || WT == WT_Q8;
-    constexpr int CH = MG_BN * W::CPR / MG_THREADS;      // chunks a thread: q4 2, q8 4, f16 8
+    constexpr int THREADS = 2 * BM, A_STAGE = BM * MG_LDS, AR = THREADS / 8;   // AR: A rows a pass
+    constexpr int CH = MG_BN * W::CPR / THREADS;         // chunks a thread: q4 2, q8 4, f16 8 (BM 64)
     extern __shared__ __align__(16) u16 mg_sm[];
     u16* As = mg_sm;                                     // [2][BM][LDS]
-    u16* Bs = mg_sm + 2 * MG_A_STAGE;                    // [2][BN][LDS]
+    u16* Bs = mg_sm + 2 * A_STAGE;                       // [2][BN][LDS]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;
     const int ex = tiles[4 * blockIdx.x], p0 = tiles[4 * blockIdx.x + 1], mcnt = tiles[4 * blockIdx.x + 2];
+    if (mcnt <= 0) return;                                // a spare tile of a device-made plan (mg_plan)
     const int nb0 = blockIdx.y * (GATEUP ? MG_BN / 2 : MG_BN);
     const int Kb = QUANT ? Kp : K;                        // B's k extent (codes past K are padding)
     const int G = QUANT ? (Kp >> gsh) : 0;
@@ -168,7 +172,7 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
     bool aok[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int r = (tid >> 3) + 16 * i;
+        const int r = (tid >> 3) + AR * i;
         aok[i] = r < mcnt;
         const int p = p0 + (aok[i] ? r : 0);
         const int ar = arow ? arow[p] : p;
@@ -181,7 +185,7 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
     bool bok[CH];
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
-        const int r = (tid + MG_THREADS * i) / W::CPR;
+        const int r = (tid + THREADS * i) / W::CPR;
         int sel = 0, n = nb0 + r;
         if (GATEUP) {
             sel = (r & 63) >> 5;
@@ -200,9 +204,9 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
     auto load_a = [&](int stage, int k0) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int r = (tid >> 3) + 16 * i, k = k0 + (tid & 7) * 8;
+            const int r = (tid >> 3) + AR * i, k = k0 + (tid & 7) * 8;
             const bool ok = aok[i] && k < ka;
-            mg_cp16(mg_smem(As + stage * MG_A_STAGE + r * MG_LDS + (tid & 7) * 8),
+            mg_cp16(mg_smem(As + stage * A_STAGE + r * MG_LDS + (tid & 7) * 8),
                     ok ? (const void*)(asrc[i] + k0) : (const void*)xa, ok);
         }
     };
@@ -219,7 +223,7 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
     auto store_b = [&](int stage) {
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
-            const int r = (tid + MG_THREADS * i) / W::CPR;
+            const int r = (tid + THREADS * i) / W::CPR;
             mg_widen<WT>(braw[i], QUANT ? bsc[i] : (u16)0, WT == WT_Q4 ? bmn[i] : (u16)0,
                          Bs + stage * MG_B_STAGE + r * MG_LDS + (tid % W::CPR) * W::HPC);
         }
@@ -235,27 +239,28 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
     const bool warp_on = wm * 32 < mcnt;                  // warp-uniform: rows past m are skipped
     const bool hi_on = wm * 32 + 16 < mcnt;
 
+    // B runs two k-steps ahead: while the MMAs of step kt read stage cur, the registers hold step
+    // kt+1's raw weights; halfway through the MMAs they are widened into the other stage and step
+    // kt+2's loads are issued, so widening overlaps the tensor cores instead of following them.
     const int nk = (Kb + MG_BK - 1) / MG_BK;
     load_a(0, 0);
     mg_commit();
     load_b(0);
     store_b(0);
+    if (nk > 1) load_b(MG_BK);
     mg_wait_all();
     __syncthreads();
     for (int kt = 0; kt < nk; ++kt) {
         const int cur = kt & 1;
         const bool more = kt + 1 < nk;
-        if (more) {
-            load_a(cur ^ 1, (kt + 1) * MG_BK);
-            load_b((kt + 1) * MG_BK);
-        }
+        if (more) load_a(cur ^ 1, (kt + 1) * MG_BK);
         mg_commit();
-        if (warp_on) {
-            const u16* as = As + cur * MG_A_STAGE + (wm * 32 + (lane & 15)) * MG_LDS + (lane >> 4) * 8;
-            const u16* bsm = Bs + cur * MG_B_STAGE + (wn * 64 + (lane & 7) + ((lane >> 4) << 3)) * MG_LDS
-                             + ((lane >> 3) & 1) * 8;
+        const u16* as = As + cur * A_STAGE + (wm * 32 + (lane & 15)) * MG_LDS + (lane >> 4) * 8;
+        const u16* bsm = Bs + cur * MG_B_STAGE + (wn * 64 + (lane & 7) + ((lane >> 4) << 3)) * MG_LDS
+                         + ((lane >> 3) & 1) * 8;
 #pragma unroll
-            for (int kk = 0; kk < MG_BK / 16; ++kk) {
+        for (int kk = 0; kk < MG_BK / 16; ++kk) {
+            if (warp_on) {
                 u32 a[2][4], b[8][2];
                 mg_ldsm4(mg_smem(as + kk * 16), a[0]);
                 if (hi_on) mg_ldsm4(mg_smem(as + 16 * MG_LDS + kk * 16), a[1]);
@@ -275,8 +280,11 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
                     for (int j = 0; j < 8; ++j) mg_mma(acc[1][j], a[1], b[j][0], b[j][1]);
                 }
             }
+            if (kk == MG_SPLIT) {             // stage cur ^ 1 was last read before the previous barrier
+                if (more) store_b(cur ^ 1);
+                if (kt + 2 < nk) load_b((kt + 2) * MG_BK);
+            }
         }
-        if (more) store_b(cur ^ 1);
         mg_wait_all();
         __syncthreads();
     }
@@ -318,13 +326,61 @@ __device__ __forceinline__ void mg_body(const int* __restrict__ tiles, const u64
     const int *tiles, const u64 *wtab, const u16 *xa, int lda, int ka, const int *arow, const float *ainv, \
         int N, int K, int Kp, int gsh, float *out, int ldo, const int *orow
 #define MG_KERNELS(WTN, WTC)                                                                        \
-    extern "C" __global__ void __launch_bounds__(MG_THREADS) mg_gateup_##WTN(MG_ARGS) {             \
-        mg_body<WTC, true>(tiles, wtab, xa, lda, ka, arow, ainv, N, K, Kp, gsh, out, ldo, orow);    \
+    extern "C" __global__ void __launch_bounds__(128) mg_gateup_##WTN(MG_ARGS) {                    \
+        mg_body<WTC, true, 64>(tiles, wtab, xa, lda, ka, arow, ainv, N, K, Kp, gsh, out, ldo, orow);\
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(MG_THREADS) mg_down_##WTN(MG_ARGS) {               \
-        mg_body<WTC, false>(tiles, wtab, xa, lda, ka, arow, ainv, N, K, Kp, gsh, out, ldo, orow);   \
+    extern "C" __global__ void __launch_bounds__(128) mg_down_##WTN(MG_ARGS) {                      \
+        mg_body<WTC, false, 64>(tiles, wtab, xa, lda, ka, arow, ainv, N, K, Kp, gsh, out, ldo, orow);\
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) mg_gateup_##WTN##_m128(MG_ARGS) {             \
+        mg_body<WTC, true, 128>(tiles, wtab, xa, lda, ka, arow, ainv, N, K, Kp, gsh, out, ldo, orow);\
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) mg_down_##WTN##_m128(MG_ARGS) {               \
+        mg_body<WTC, false, 128>(tiles, wtab, xa, lda, ka, arow, ainv, N, K, Kp, gsh, out, ldo, orow);\
     }
 MG_KERNELS(q4, WT_Q4)
 MG_KERNELS(q8, WT_Q8)
 MG_KERNELS(f16, WT_F16)
 MG_KERNELS(bf16, WT_BF16)
+
+// Routing tables on the device, one block: pairs p = t*A + a of ids [P] grouped by expert.
+// Out: arow[q] = token of the q-th grouped pair, slot[q] = its pair index p, tiles[n_max][4] =
+// (expert, first grouped pair, rows <= bm, 0) in expert order; tiles past the last are empty
+// (rows 0: mg_body returns at once), so the GEMM grids can be sized on the host without reading
+// the counts back. Pairs of one expert come in atomic order: each row of the GEMMs is computed
+// independently of its neighbours, so the products do not depend on it. smem: 2 * E ints.
+extern "C" __global__ void mg_plan(const int* __restrict__ ids, int P, int A, int E, int bm,
+                                   int* __restrict__ arow, int* __restrict__ slot, int* __restrict__ tiles,
+                                   int n_max) {
+    extern __shared__ int mg_cnt[];                   // [E] counts, then [E] cursors
+    int* cur = mg_cnt + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) mg_cnt[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        const int e = ids[p];
+        if ((unsigned)e < (unsigned)E) atomicAdd(&mg_cnt[e], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {                           // E and the tile count are small: one thread
+        int s = 0, nt = 0;
+        for (int e = 0; e < E; ++e) {
+            cur[e] = s;
+            for (int m0 = 0; m0 < mg_cnt[e] && nt < n_max; m0 += bm, ++nt) {
+                tiles[4 * nt] = e;
+                tiles[4 * nt + 1] = s + m0;
+                tiles[4 * nt + 2] = min(bm, mg_cnt[e] - m0);
+                tiles[4 * nt + 3] = 0;
+            }
+            s += mg_cnt[e];
+        }
+        for (; nt < n_max; ++nt) tiles[4 * nt] = tiles[4 * nt + 1] = tiles[4 * nt + 2] = tiles[4 * nt + 3] = 0;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        const int e = ids[p];
+        if ((unsigned)e >= (unsigned)E) continue;
+        const int q = atomicAdd(&cur[e], 1);
+        slot[q] = p;
+        arow[q] = p / A;
+    }
+}
