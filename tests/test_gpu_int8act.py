@@ -20,7 +20,7 @@ from efengine.ops import act_int8
 from efengine.ops.numpy_backend import NumpyBackend
 
 from gpu_check import HAVE_GPU, cp
-from gpu_helpers import assert_replay_matches_eager, random_pool  # noqa: E402
+from gpu_helpers import assert_replay_matches_eager, forward_following_ties, random_pool  # noqa: E402
 from quant_helpers import stored  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
@@ -249,8 +249,10 @@ def test_decode_int8_matches_numpy_int8(case):
     NumpyBackend(act="int8"), decoding token by token. The GPU must be the int8 function (much closer
     to the int8 twin than to the float model); it is not bit-exact there: fp32 sums in another order
     can move an activation across a rounding boundary of its int8 code now and then (one code step,
-    ~2e-3 of a product's output), hence 5e-3. Greedy tokens agree unless the twin's top two are
-    within that of each other."""
+    ~2e-3 of a product's output) and a few such steps can meet in one token, hence 1e-2 for the
+    worst token (seen: 5.3e-3). What shows that the GPU computes the int8 function is the mean: at
+    most a fifth of the mean distance to the float model (seen: 1e-7 .. 0.035 of it). Greedy tokens
+    agree unless the twin's top two are within 5e-3 of each other."""
     from efengine.model import Model
     from efengine.ops.gpu_decode import DecodeGraph
     from efengine.ops.gpu_synth import DeviceRandomSource
@@ -265,7 +267,8 @@ def test_decode_int8_matches_numpy_int8(case):
     toks = np.random.default_rng(seed).integers(0, src.config.vocab_size, 6)
     c8, c16, cg = r8.new_cache(64), r16.new_cache(64), gm.new_cache(64)
     # a prefill longer than a GEMV step: float activations on both sides (fp16 GEMMs on the GPU)
-    p8, pg = r8.forward(toks.tolist() * 2, r8.new_cache(16)), gm.forward(toks.tolist() * 2, gm.new_cache(16))
+    p8, pg, switched = forward_following_ties(r8, gm, toks.tolist() * 2, r8.new_cache(16), gm.new_cache(16))
+    print(f"prefill: the reference took the GPU's experts across near ties at (layer, token) {switched}")
     assert _rel(p8, pg) < 2e-2
     e8, e16 = [], []
     for t in toks:                                       # the GEMV path of Model.forward, T = 1
@@ -292,5 +295,5 @@ def test_decode_int8_matches_numpy_int8(case):
         assert tok == int(np.argmax(ref)), step
     print(f"rel RMS of the GPU's logits: to numpy int8 max {max(e8):.2e} mean {np.mean(e8):.2e}; "
           f"to numpy float mean {np.mean(e16):.2e}")
-    assert max(e8) < 5e-3 and np.mean(e8) < 0.5 * np.mean(e16)
+    assert max(e8) < 1e-2 and np.mean(e8) < 0.2 * np.mean(e16)
     pool.check()
