@@ -33,6 +33,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "default: all experts when RAM allows; 0: copy from the mapped file (offload runtime)")
     g.add_argument("--policy", help="expert prefetch policy: ondemand | pregate | expertflow")
     g.add_argument("--ctx", type=int, metavar="N", help="context length in tokens (default min(model, 4096))")
+    g.add_argument("--act", choices=("f16", "int8"), default=None,
+                   help="activation format of quantized matrices in decode steps: int8 = int8 activations with "
+                        "dp4a on the GPU (faster decode, slightly different logits); on the CPU the same "
+                        "function as the GPU's int8 path (default f16)")
     g.add_argument("--route-bias", type=float, default=0.0, metavar="M",
                    help="LOSSY: route to a cached expert whose router probability is within M of a chosen "
                         "uncached one (fewer expert loads, slightly different output; default 0 = off)")
@@ -105,6 +109,8 @@ def open_engine(path, args, n_ctx=None):
     kw = {"route_bias": bias} if bias else {}
     if getattr(args, "host_mem", None) is not None:
         kw["host_mem"] = args.host_mem
+    if getattr(args, "act", None) is not None:
+        kw["act"] = args.act
     return Engine(path, device=args.device, gpu_mem=args.gpu_mem, policy=args.policy,
                   n_ctx=n_ctx if n_ctx is not None else args.ctx, **kw)
 
