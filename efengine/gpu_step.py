@@ -11,7 +11,13 @@ fixed arrays and reads the position from device memory, so a rewind (cache.trunc
 new position for the next step; a new cache object needs a new stepper (the graph holds the
 arrays' addresses). Sampling stays on the host: a step returns the logits.
 
-Legend: V vocab.
+The offloaded decode (gpu_mem / policy: the Engine's experts are an OffloadRuntime) steps through
+OffloadStepper instead: RunaheadDecodeGraph (ops/gpu_runahead.py), the step as one graph whose
+MoE gates check residency on the device while the host follows it layer by layer, issuing the
+misses' copies and planning prefetches through the runtime (so its stats count as in the eager
+path). Same contract: prefill through Model.forward, a rewind is a new position, logits out.
+
+Legend: V vocab, A active experts.
 """
 from __future__ import annotations
 
@@ -28,6 +34,21 @@ PROGRESS_MIN_BYTES = 1 << 30      # a bar for loads long enough to wonder about 
 def graph_config(cfg) -> bool:
     """Whether DecodeGraph takes this config (its constructor checks the same, and more)."""
     return cfg.attention == "gqa" and not cfg.qk_norm
+
+
+def offload_graph_note(cfg, route_bias: float = 0.0) -> str:
+    """"" where an offloaded decode may run as OffloadStepper, else why it stays eager (the
+    Engine's graph_note): the segmented graph takes MoE configs DecodeGraph takes
+    (offload_gpu_bench._graph_ok), and it never calls Model.forward's route hook, where route_bias
+    (lossy, opt-in) reroutes."""
+    if not cfg.is_moe:
+        return "eager decode: the offloaded graph decode needs a model with routed experts"
+    if not graph_config(cfg):
+        return "eager decode: the offloaded graph decode takes GQA attention without qk-norm"
+    if route_bias:
+        return ("eager decode: route_bias reroutes in Model.forward's route hook, which the offloaded graph "
+                "decode does not run")
+    return ""
 
 
 class _Counting:
@@ -106,3 +127,95 @@ class GraphStepper:
         c.pos = pos + 1
         self.steps += 1
         return logits
+
+
+class OffloadStepper:
+    """Decode steps of `model` (cupy backend; experts = `runtime`, an OffloadRuntime whose copy
+    engine is a CudaEngine, as build_provider makes it) continuing `cache`, as RunaheadDecodeGraph
+    steps. predict_ahead: later MoE layers' routers the graph computes for the policy (None: the
+    policy's default, pregate 1, expertflow 2, ondemand 0).
+
+    Raises ConfigError where the run-ahead graph does not take the model or the runtime (the
+    caller decodes eagerly). The graph is captured on the first step, after one eager warm-up step
+    through the runtime at the same position and token, then undone (tok / pos restored): the only
+    cache rows it writes are that position's, which the graph step writes again with the same
+    values, so what the prefill wrote stays. The warm-up counts as one more step in the runtime's
+    stats (its copies are real ones)."""
+
+    def __init__(self, model, runtime, cache, predict_ahead: int | None = None):
+        from .ops.gpu_runahead import RunaheadDecodeGraph
+        self.model, self.runtime, self.cache = model, runtime, cache
+        eng = runtime.engine
+        self._compute = getattr(eng, "compute", None)
+        # copies issued before the pool's slot map moves to host memory publish nothing there:
+        # let them land and be assigned first (map_to_host copies the device table)
+        if hasattr(eng, "stream"):
+            eng.stream.synchronize()
+            runtime.prefetcher.poll()
+        try:
+            self.graph = RunaheadDecodeGraph(model, runtime, cache, predict_ahead=predict_ahead)
+        finally:
+            self._restore()
+        self.steps = 0
+
+    def _restore(self) -> None:
+        """The graph points the copy engine's compute-side waits and fences at its own stream;
+        between steps they belong to Model.forward's (the current) stream again."""
+        if hasattr(self.runtime.engine, "compute"):
+            self.runtime.engine.compute = self._compute
+
+    def _clear_log(self) -> None:
+        """Forget the gates' sequence numbers: after a rewind a step may run at a position an
+        earlier step logged (pos + 1), and the host must not take that row for this step's."""
+        g = self.graph
+        g.log[:, g.cfg.top_k] = -1
+
+    def step(self, token: int) -> np.ndarray:
+        """Logits float32 [V] after `token` at position cache.pos; advances cache.pos by one."""
+        import cupy
+        g, c, cur = self.graph, self.cache, cupy.cuda.get_current_stream()
+        pos = c.pos
+        g.stream.wait_event(cur.record())       # the prefill's K/V writes come first
+        if hasattr(self.runtime.engine, "compute"):
+            self.runtime.engine.compute = g.stream
+        try:
+            self._clear_log()
+            g.start(token, pos)                 # ConfigError past the cache's end
+            if g.graphs is None:
+                g.capture()
+                self._clear_log()               # its warm-up logged this step's sequence numbers
+            g.step()
+            g.finish()                          # gate stall -> runtime stats; a failed gate raises
+        except BaseException:
+            self._drain(pos + 1)
+            raise
+        finally:
+            self._restore()
+        cur.wait_event(g.stream.record())
+        logits = cupy.asnumpy(g.logits[0])
+        c.pos = pos + 1
+        self.steps += 1
+        return logits
+
+    def _drain(self, seq: int) -> None:
+        """After an interrupted step (Ctrl-C while the host follows the device): serve each MoE layer
+        the device still reaches, so no gate waits out its timeout for a copy nobody issues and the
+        next prefill does not race the step's K/V writes. Best effort: the caller re-raises."""
+        g, rt = self.graph, self.runtime
+        A = g.cfg.top_k
+        try:
+            if g.stream.done:
+                return
+            for i, l in enumerate(g.moe):
+                row = g.log[i]
+                while row[A] != seq and not g.stream.done:
+                    pass
+                if row[A] != seq:
+                    break                       # the device stopped before this layer
+                rt.demand(l, np.array(row[:A]).reshape(1, A), wait=False)
+                rt.end_layer(l)
+            g.stream.synchronize()
+            g.pool.progress.fill(-1)            # a warm-up cut short never reached step_done's
+            g.pool.check()
+        except Exception:  # noqa: BLE001 - the step's own exception is the one to report
+            pass
