@@ -133,8 +133,9 @@ class Engine:
     DecodeGraph takes: GQA without qk-norm) each generated token is one CUDA graph replay
     (gpu_step.GraphStepper); offloaded on the GPU (MoE configs of the same kind, route_bias off)
     each token is one run-ahead graph launch that the host follows layer by layer to issue the
-    misses' copies (gpu_step.OffloadStepper). `decode_mode` says "graph", "graph-offload" or
-    "eager" (`graph_note`: why eager where a graph path was possible). host_mem (bytes, "24G", 0)
+    misses' copies (gpu_step.OffloadStepper; a step that fails is redone by Model.forward, with
+    a warning, and decode stays eager). `decode_mode` says "graph", "graph-offload" or "eager"
+    (`graph_note`: why eager where a graph path was possible). host_mem (bytes, "24G", 0)
     sizes the offload runtime's host tier of experts (pinned on CUDA): None = all of them when
     available RAM allows, 0 = none (experts are staged from the mapped file); one that does not
     fit warns. route_bias (LOSSY, default 0 = off) lets the offload runtime route to cached
@@ -388,15 +389,34 @@ class Engine:
         if self._graph and self._cache is not None:
             if self.stepper is None or self.stepper.cache is not self._cache:
                 try:                # a new cache object: the graph holds the old one's addresses
-                    self.stepper = (GraphStepper(self.model, self._pool, self._cache) if self._graph == "graph"
-                                    else OffloadStepper(self.model, self.model.experts, self._cache))
+                    self.stepper = self._make_stepper()
                 except ConfigError as e:
                     self._graph, self.graph_note = "", f"eager decode: {e}"
             if self._graph:
-                out = self.stepper.step(tok)
+                try:
+                    out = self.stepper.step(tok)
+                except EfError as e:
+                    if self._graph != "graph-offload":
+                        raise
+                    self._offload_graph_failed(e)
+                    return self._forward([tok], last_only=True)[0]
                 self._cached.append(tok)      # after the step, as _forward does
                 return out
         return self._forward([tok], last_only=True)[0]
+
+    def _make_stepper(self):
+        if self._graph == "graph":
+            return GraphStepper(self.model, self._pool, self._cache)
+        return OffloadStepper(self.model, self.model.experts, self._cache)
+
+    def _offload_graph_failed(self, e: EfError) -> None:
+        """A run-ahead step failed (a gate timed out waiting for an expert no copy was coming for:
+        gpu_step.OffloadStepper). The device has finished and the position did not advance, so
+        Model.forward redoes the token (lossless); decode stays eager from now on, and says so."""
+        import warnings
+        self._graph, self.stepper = "", None
+        self.graph_note = f"eager decode: a graph-offload step failed ({e})"
+        warnings.warn(f"{self.path.name}: {self.graph_note}; decoding eagerly from here on", stacklevel=4)
 
     @property
     def decode_mode(self) -> str:

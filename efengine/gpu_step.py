@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, EfError
 
 PROGRESS_MIN_BYTES = 1 << 30      # a bar for loads long enough to wonder about (~1 s and more)
 
@@ -140,7 +140,16 @@ class OffloadStepper:
     through the runtime at the same position and token, then undone (tok / pos restored): the only
     cache rows it writes are that position's, which the graph step writes again with the same
     values, so what the prefill wrote stays. The warm-up counts as one more step in the runtime's
-    stats (its copies are real ones)."""
+    stats (its copies are real ones).
+
+    A failed step (a gate that waited timeout_s for an expert no copy was coming for) raises after
+    the device has finished, cache.pos unchanged; the Engine then redoes the token eagerly. Seen
+    once on the H100 (expertflow, 8% cache, random Qwen1.5-MoE): the host runs end_layer(l), which
+    unpins layer l's experts and plans prefetches, while the device may still wait at l's gate for
+    a miss; a prefetch that evicts one of l's resident experts then clears its map entry, the gate's
+    re-read finds it gone and waits for a copy nobody issues. That is the likely cause (read from
+    the code, not confirmed on the device): ondemand / pregate evict by LRU, which ranks l's experts
+    most recent; expertflow's eviction ranks by predicted next use and can pick them."""
 
     def __init__(self, model, runtime, cache, predict_ahead: int | None = None):
         from .ops.gpu_runahead import RunaheadDecodeGraph
@@ -203,9 +212,9 @@ class OffloadStepper:
         next prefill does not race the step's K/V writes. Best effort: the caller re-raises."""
         g, rt = self.graph, self.runtime
         A = g.cfg.top_k
+        if g.stream.done:
+            return
         try:
-            if g.stream.done:
-                return
             for i, l in enumerate(g.moe):
                 row = g.log[i]
                 while row[A] != seq and not g.stream.done:
@@ -214,8 +223,12 @@ class OffloadStepper:
                     break                       # the device stopped before this layer
                 rt.demand(l, np.array(row[:A]).reshape(1, A), wait=False)
                 rt.end_layer(l)
-            g.stream.synchronize()
-            g.pool.progress.fill(-1)            # a warm-up cut short never reached step_done's
-            g.pool.check()
         except Exception:  # noqa: BLE001 - the step's own exception is the one to report
             pass
+        finally:            # whatever happened, nothing of the step may run on behind the caller
+            g.stream.synchronize()
+            g.pool.progress.fill(-1)            # a warm-up cut short never reached step_done's
+            try:
+                g.pool.check()
+            except EfError:
+                pass

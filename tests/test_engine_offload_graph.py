@@ -45,3 +45,41 @@ def test_cpu_offload_engine_decodes_eagerly(tiny_ef, kw):
         assert eng.decode_mode == "eager" and eng.graph_note == ""
         eng.generate("Once upon a time", max_tokens=4, temperature=0, ignore_eos=True)
         assert eng.stepper is None and eng.stats.decode_steps == 3
+
+
+class _Stepper:
+    """Stands in for OffloadStepper on the CPU: Model.forward one token a step (advancing the cache
+    as a graph step does); step number `fail` raises as a timed-out gate does, leaving the cache."""
+
+    def __init__(self, eng, fail: int):
+        self.eng, self.cache, self.fail, self.steps = eng, eng._cache, fail, 0
+
+    def step(self, token: int):
+        import numpy as np
+        from efengine.errors import ConfigError
+        self.steps += 1
+        if self.steps == self.fail:
+            raise ConfigError("a run-ahead gate waited too long for an expert's copy")
+        return self.eng.model.forward(np.array([token]), self.cache, last_only=True)[0]
+
+
+def test_failed_offload_graph_step_falls_back_losslessly(tiny_ef):
+    """A graph-offload step that fails is redone by Model.forward (same tokens as an eager engine),
+    with a warning and graph_note, and decode stays eager; a resident graph's failure propagates."""
+    from efengine.errors import ConfigError
+    path = tiny_ef("mixtral")
+    with Engine(path, device="cpu", policy="ondemand") as ref, Engine(path, device="cpu", policy="ondemand") as eng:
+        want = ref.generate("Once upon a time", max_tokens=10, temperature=0, ignore_eos=True)
+        eng._graph = "graph-offload"
+        made = []
+        eng._make_stepper = lambda: made.append(_Stepper(eng, fail=4)) or made[-1]
+        with pytest.warns(UserWarning, match="graph-offload step failed"):
+            got = eng.generate("Once upon a time", max_tokens=10, temperature=0, ignore_eos=True)
+        assert got == want and eng.last_tokens == ref.last_tokens and len(made) == 1
+        assert eng.decode_mode == "eager" and "graph-offload step failed" in eng.graph_note and eng.stepper is None
+        assert eng._cache.pos == len(eng._cached) == ref._cache.pos
+        eng._graph, made[:] = "graph", []
+        eng.reset()
+        eng._make_stepper = lambda: _Stepper(eng, fail=1)
+        with pytest.raises(ConfigError, match="gate"):
+            eng.generate("Once upon a time", max_tokens=4, temperature=0, ignore_eos=True)
