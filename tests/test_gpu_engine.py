@@ -18,7 +18,8 @@ Offloaded (gpu_mem of 3 or 6 of the 12 experts, every policy): the same tokens a
 graph and the CPU; logits within EAGER of the same engine's eager steps (Model.forward through the
 runtime after the same prefill: a capture that spoiled a cached K/V row would show here), within
 SAME of the resident graph's (whose prefill groups experts on the device instead) and equal
-across policies.
+across policies. H100: this file and test_host_tier's GPU tests, 15 of 15 pass (run before the
+Engine's eager redo of a failed graph-offload step existed; these tests do not reach it).
 """
 from __future__ import annotations
 
