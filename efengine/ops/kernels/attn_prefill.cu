@@ -16,29 +16,14 @@
 template <int PER>
 __device__ __forceinline__ void softmax_row(float* __restrict__ p, int nvis, int S, float scale) {
     const int lane = threadIdx.x & 31;
-    if (PER > 0) {
+    if constexpr (PER > 0) {
         float x[PER > 0 ? PER : 1];
-        float m = -INFINITY;
 #pragma unroll
-        for (int c = 0; c < PER; ++c) {
-            const int j = lane + 32 * c;
-            x[c] = j < nvis ? p[j] * scale : -INFINITY;
-            m = fmaxf(m, x[c]);
-        }
-        m = warp_max(m);
-        float l = 0.0f;
+        for (int c = 0; c < PER; ++c) x[c] = lane + 32 * c < nvis ? p[lane + 32 * c] * scale : -INFINITY;
+        warp_softmax(x);                               // masked keys come out exactly 0
 #pragma unroll
-        for (int c = 0; c < PER; ++c) {
-            const int j = lane + 32 * c;
-            x[c] = j < nvis ? expf(x[c] - m) : 0.0f;
-            l += x[c];
-        }
-        l = warp_sum(l);
-#pragma unroll
-        for (int c = 0; c < PER; ++c) {
-            const int j = lane + 32 * c;
-            if (j < S) p[j] = x[c] / l;
-        }
+        for (int c = 0; c < PER; ++c)
+            if (lane + 32 * c < S) p[lane + 32 * c] = x[c];
         return;
     }
     float m = -INFINITY;

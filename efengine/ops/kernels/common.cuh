@@ -94,6 +94,24 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+// Softmax of one row held by a warp in registers: x[i] is element lane + 32 i, -inf where the row
+// has no element (it comes out 0). In place; at least one element must be finite.
+template <int N>
+__device__ __forceinline__ void warp_softmax(float (&x)[N]) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < N; ++i) m = fmaxf(m, x[i]);
+    m = warp_max(m);
+    float l = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        x[i] = expf(x[i] - m);
+        l += x[i];
+    }
+    l = warp_sum(l);
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = x[i] / l;
+}
 
 // block-wide sum / max; `red` is shared scratch of 32 floats; every thread gets the result
 __device__ __forceinline__ float block_sum(float v, float* red) {

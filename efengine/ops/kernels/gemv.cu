@@ -235,24 +235,9 @@ __device__ void route_warp(const float* logits, int E, int A, int method, int n_
                            int norm, int ones, float scaling, int* ids, float* wts) {
     const int lane = threadIdx.x & 31;
     float p[ROUTE_PER_LANE];
-    float mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < ROUTE_PER_LANE; ++i) {
-        const int e = lane + 32 * i;
-        p[i] = e < E ? logits[e] : -INFINITY;
-        mx = fmaxf(mx, p[i]);
-    }
-    mx = warp_max(mx);
-    float sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < ROUTE_PER_LANE; ++i) {
-        const int e = lane + 32 * i;
-        p[i] = e < E ? expf(p[i] - mx) : 0.0f;
-        sum += p[i];
-    }
-    sum = warp_sum(sum);
-#pragma unroll
-    for (int i = 0; i < ROUTE_PER_LANE; ++i) p[i] = p[i] / sum;
+    for (int i = 0; i < ROUTE_PER_LANE; ++i) p[i] = lane + 32 * i < E ? logits[lane + 32 * i] : -INFINITY;
+    warp_softmax(p);
     if (method == 1) {                       // group_limited_greedy; n_group <= 32
         const int gs = E / n_group;
         float mine = -INFINITY;              // lane g holds group g's best probability
