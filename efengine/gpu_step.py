@@ -144,12 +144,12 @@ class OffloadStepper:
 
     A failed step (a gate that waited timeout_s for an expert no copy was coming for) raises after
     the device has finished, cache.pos unchanged; the Engine then redoes the token eagerly. Seen
-    once on the H100 (expertflow, 8% cache, random Qwen1.5-MoE): the host runs end_layer(l), which
-    unpins layer l's experts and plans prefetches, while the device may still wait at l's gate for
-    a miss; a prefetch that evicts one of l's resident experts then clears its map entry, the gate's
-    re-read finds it gone and waits for a copy nobody issues. That is the likely cause (read from
-    the code, not confirmed on the device): ondemand / pregate evict by LRU, which ranks l's experts
-    most recent; expertflow's eviction ranks by predicted next use and can pick them."""
+    once on the H100 (expertflow, 8% cache, random Qwen1.5-MoE) before two fixes in the run-ahead
+    path: end_layer(l) unpinned layer l's experts while the device could still be polling at l's
+    gate for a miss, so a prefetch (expertflow evicts by predicted next use) could evict one the
+    gate then waited for forever (the runtime now keeps them pinned until the device is past that
+    gate: OffloadRuntime.settled); and a step's log sequence numbers were not cleared, so a step
+    rewound to a position an earlier one had used could take that step's routing for its own."""
 
     def __init__(self, model, runtime, cache, predict_ahead: int | None = None):
         from .ops.gpu_runahead import RunaheadDecodeGraph
@@ -173,12 +173,6 @@ class OffloadStepper:
         if hasattr(self.runtime.engine, "compute"):
             self.runtime.engine.compute = self._compute
 
-    def _clear_log(self) -> None:
-        """Forget the gates' sequence numbers: after a rewind a step may run at a position an
-        earlier step logged (pos + 1), and the host must not take that row for this step's."""
-        g = self.graph
-        g.log[:, g.cfg.top_k] = -1
-
     def step(self, token: int) -> np.ndarray:
         """Logits float32 [V] after `token` at position cache.pos; advances cache.pos by one."""
         import cupy
@@ -188,11 +182,9 @@ class OffloadStepper:
         if hasattr(self.runtime.engine, "compute"):
             self.runtime.engine.compute = g.stream
         try:
-            self._clear_log()
             g.start(token, pos)                 # ConfigError past the cache's end
             if g.graphs is None:
                 g.capture()
-                self._clear_log()               # its warm-up logged this step's sequence numbers
             g.step()
             g.finish()                          # gate stall -> runtime stats; a failed gate raises
         except BaseException:
@@ -227,6 +219,7 @@ class OffloadStepper:
             pass
         finally:            # whatever happened, nothing of the step may run on behind the caller
             g.stream.synchronize()
+            rt.settled()
             g.pool.progress.fill(-1)            # a warm-up cut short never reached step_done's
             try:
                 g.pool.check()

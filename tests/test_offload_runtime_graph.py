@@ -164,3 +164,25 @@ def test_timeline_records_only_the_asked_steps_and_untaps():
     assert rt.prefetcher.engine is eng and rt.recorder is None
     n_copies = sum(1 for d in tl if d["kind"] == "copy")
     assert n_copies == sum(1 for d in tl if d["kind"] == "copy" and d["expert"] is not None) > 0
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "expertflow"])
+def test_run_ahead_keeps_a_layers_experts_until_the_device_is_past_its_gate(policy):
+    """demand(wait=False) is the run-ahead path: the device may still poll at layer l's gate after
+    the host's end_layer(l), so l's experts stay pinned (no prefetch may evict one) until the next
+    layer's demand or settled(); the eager / segmented paths (wait=True) unpin at end_layer."""
+    ids = routing(6, seed=4)
+    rt = runtime(policy, 3 * A)
+    rt.begin_step(np.zeros(1, dtype=np.int64))
+    for l in range(L):
+        rt.demand(l, ids[0, l][None, :], wait=False)
+        rt.end_layer(l)
+        assert all(rt.cache.pinned[l * E + e] for e in ids[0, l])              # still pinned
+        assert not any(rt.cache.pinned[k * E + e] for k in range(l) for e in range(E))   # earlier: free
+    rt.settled()
+    assert not rt.cache.pinned.any()
+    rt.end_step()
+    rt.begin_step(np.zeros(1, dtype=np.int64))
+    rt.demand(0, ids[1, 0][None, :])
+    rt.end_layer(0)
+    assert not rt.cache.pinned.any()

@@ -118,6 +118,7 @@ class OffloadRuntime(ExpertProvider):
         # experts are pinned, the rest keep their times), so its copies may start before it is
         self._issue_first = type(self.policy.eviction) is LRU
         self.first_issue_t: float | None = None   # perf_counter of demand()'s first copy (host timing)
+        self._gated: tuple | None = None     # (i, keys) a run-ahead gate may still be waiting for
         self._pred: tuple | None = None      # (i, logits [S, E]) of end_layer(pregate=)
         self._pg_next: tuple | None = None   # (i + 1, set) the next layer's router predicted
         self.pg_hits = self.pg_total = 0     # its top-k recall against what that layer routed
@@ -228,6 +229,7 @@ class OffloadRuntime(ExpertProvider):
         cache, pf, base = self.cache, self.prefetcher, i * self.cache.E
         keys = _keys(ids)
         self.first_issue_t = None
+        self.settled()           # this layer's gate logged: the device is past the previous one
         if pf.inflight:
             pf.poll()
         state = cache.state
@@ -250,7 +252,18 @@ class OffloadRuntime(ExpertProvider):
         for e in keys if wait else ():
             if not cache.is_ready(i, e):
                 self._wait(i, e)
+        if not wait:             # run-ahead: the gate may still be polling for the misses
+            self._gated = (i, keys)
         return [int(cache.slot_of[base + e]) for e in keys]
+
+    def settled(self) -> None:
+        """Run-ahead decode: the device has passed the gate of the layer demand(wait=False) served
+        last (the next layer's gate logged, or the step finished), so its experts may be evicted.
+        Until then end_layer keeps them pinned: the gate reads every slot again after the misses
+        land, and an expert a prefetch evicted meanwhile would be waited for with no copy coming."""
+        if self._gated is not None:
+            self.cache.unpin(*self._gated)
+            self._gated = None
 
     def _issue(self, i: int, experts: list) -> list:
         """Start the demand copies of `experts`; returns those that found no slot."""
@@ -307,6 +320,8 @@ class OffloadRuntime(ExpertProvider):
         """pregate: router logits [S, E] of MoE layers i+1..i+S on this layer's state (graph path)."""
         i = self.store.index[layer]
         self.cache.unpin()
+        if self._gated is not None:           # see settled()
+            self.cache.pin(*self._gated)
         self.tick += 1
         if pregate is not None and self.policy.uses_hidden:
             self._pred = (i, np.asarray(pregate, dtype=np.float64).reshape(-1, self.store.E))

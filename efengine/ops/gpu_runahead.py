@@ -150,7 +150,8 @@ class RunaheadDecodeGraph(OffloadDecodeGraph):
             raise ConfigError("run-ahead decode: call start(token, pos) first")
         seq = self.next_pos + 1
         self.rt.begin_step(np.zeros(1, dtype=np.int64))
-        self.log[:, -1] = -1                          # the gates of an undone step logged seq too
+        self.log[:, self.cfg.top_k] = -1              # sequence numbers: an undone (or rewound) step
+                                                      # at this position logged the same ones
         if self.route_hook is not None:
             self._plan_route()
         for k, (l, _) in enumerate(self.segs):
@@ -176,6 +177,7 @@ class RunaheadDecodeGraph(OffloadDecodeGraph):
             self.tok[...] = tok
             self.pos[...] = pos
             self.stream.synchronize()
+            self.rt.settled()
             self.stream.begin_capture()
             try:
                 for k in range(len(self.segs)):
@@ -198,5 +200,6 @@ class RunaheadDecodeGraph(OffloadDecodeGraph):
     def finish(self) -> None:
         """Wait for the device; every gate's stall counted, a failed gate raised."""
         self.stream.synchronize()
+        self.rt.settled()
         self._settle_stall()
         self.pool.check()
