@@ -28,6 +28,11 @@ import numpy as np
 
 from .errors import ConfigError, EfError
 
+# A gate that waits this long for an expert's copy gives the step up (the Engine redoes it
+# eagerly): a copy takes milliseconds, a cold expert from a slow disk well under a second, so only
+# a copy that will never come waits this long. The run-ahead graph's own default (20 s) is meant
+# for a dead host; here it would be a 20 s pause in a chat.
+GATE_TIMEOUT_S = 5.0
 PROGRESS_MIN_BYTES = 1 << 30      # a bar for loads long enough to wonder about (~1 s and more)
 
 
@@ -149,7 +154,11 @@ class OffloadStepper:
     gate for a miss, so a prefetch (expertflow evicts by predicted next use) could evict one the
     gate then waited for forever (the runtime now keeps them pinned until the device is past that
     gate: OffloadRuntime.settled); and a step's log sequence numbers were not cleared, so a step
-    rewound to a position an earlier one had used could take that step's routing for its own."""
+    rewound to a position an earlier one had used could take that step's routing for its own.
+    Still open: with both fixes, expertflow at 8% of a random 12-layer Qwen1.5-MoE .ef fails its
+    third graph step every time (4% and 50% do not; ondemand never has); once the step is drained,
+    every expert its gates asked for is resident and published (a transient wait?). The Engine
+    redoes that token eagerly and decodes eagerly from then on: same tokens, GATE_TIMEOUT_S lost."""
 
     def __init__(self, model, runtime, cache, predict_ahead: int | None = None):
         from .ops.gpu_runahead import RunaheadDecodeGraph
@@ -162,7 +171,8 @@ class OffloadStepper:
             eng.stream.synchronize()
             runtime.prefetcher.poll()
         try:
-            self.graph = RunaheadDecodeGraph(model, runtime, cache, predict_ahead=predict_ahead)
+            self.graph = RunaheadDecodeGraph(model, runtime, cache, predict_ahead=predict_ahead,
+                                             timeout_s=GATE_TIMEOUT_S)
         finally:
             self._restore()
         self.steps = 0
