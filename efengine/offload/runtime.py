@@ -41,30 +41,8 @@ from .policy import make_policy
 from .predict import pregate_probs, pregate_topk
 from .prefetch import ImmediateEngine, Prefetcher, ThreadEngine
 from .stats import OffloadStats
-from .store import HostStore
+from .store import HostStore, resolve_slots
 from .timeline import TimelineRecorder
-
-
-def resolve_slots(store, slots: int | None = None, fraction: float | None = None,
-                  budget_bytes: int | None = None) -> int:
-    """Slots from exactly one of: a count, a fraction of all experts, a byte budget."""
-    given = [x is not None for x in (slots, fraction, budget_bytes)]
-    total = store.L * store.E
-    if sum(given) > 1:
-        raise ConfigError("offload: give one of slots, fraction or budget_bytes")
-    if slots is not None:
-        n = int(slots)
-    elif fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"offload: cache fraction must be in (0, 1], got {fraction}")
-        n = int(fraction * total)
-    elif budget_bytes is not None:
-        n = int(budget_bytes) // store.blob_nbytes
-    else:
-        n = total
-    if n < 1:
-        raise ConfigError(f"offload: the expert budget holds no expert (one needs {store.blob_nbytes} bytes)")
-    return min(n, total)
 
 
 class OffloadRuntime(ExpertProvider):
