@@ -94,11 +94,19 @@ def resident_experts(source, backend):
     experts the pool's kernels cannot take): the Model's default provider then."""
     if getattr(backend, "name", backend) != "cupy" or not source.config.is_moe or not graph_config(source.config):
         return None, None
+    import cupy
+
     from .ops.gpu_weights import PoolExperts
     try:
         pool = resident_pool(source)
     except ConfigError:
         return None, None
+    except cupy.cuda.memory.OutOfMemoryError:
+        need = len(source.expert_layers) * source.n_experts * source.blob_nbytes
+        free = cupy.cuda.runtime.memGetInfo()[0]
+        raise ConfigError(f"{getattr(source, 'path', 'the model')}: its routed experts need {need / 2**30:.1f} GiB "
+                          f"on the GPU, which has {free / 2**30:.1f} GiB free: give --gpu-mem (Engine(gpu_mem=...)) "
+                          "to keep them in host memory and cache some on the GPU") from None
     return PoolExperts(pool), pool
 
 

@@ -259,3 +259,20 @@ def test_offload_graph_new_cache_and_interrupted_step(offload_refs):
         assert eng.stepper.graph.stream.done and time.perf_counter() - t0 < 5 and len(calls) >= 2
         assert recorded(eng, PROMPT + MORE, 8)[0] == refs["resident"]["prefix"][0]
         assert recorded(eng, PROMPT, 12)[0] == first
+
+
+def test_resident_experts_that_do_not_fit_say_to_offload(tiny_ef, monkeypatch):
+    """A model whose experts do not fit on the GPU: a ConfigError that names the file and says to
+    give --gpu-mem, not CuPy's allocation traceback (and no engine half made)."""
+    import cupy as cp
+
+    from efengine.errors import ConfigError
+    from efengine.ops import gpu_weights
+
+    def full(*a, **k):
+        raise cp.cuda.memory.OutOfMemoryError(1 << 40, 0, 0)
+    monkeypatch.setattr(gpu_weights.ExpertPool, "resident", classmethod(lambda cls, *a, **k: full()))
+    path = tiny_ef("mixtral", experts="q4", dense="q8", group=32)
+    with pytest.raises(ConfigError, match="--gpu-mem") as err:
+        Engine(path, device="cuda")
+    assert path.name in str(err.value)
