@@ -21,6 +21,7 @@ from efengine.ops.numpy_backend import NumpyBackend
 
 from gpu_check import HAVE_GPU, cp
 from gpu_helpers import assert_replay_matches_eager, forward_following_ties, random_pool  # noqa: E402
+from test_gpu_model import cfg_of  # noqa: E402
 from quant_helpers import stored  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
@@ -229,16 +230,6 @@ def test_attention_int8_prep(rng, dims):
 
 # ---- a whole model ------------------------------------------------------------------------------------
 
-def _cfg(kind: str) -> ModelConfig:
-    common = dict(vocab_size=320, hidden_size=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
-                  intermediate_size=0, rms_norm_eps=1e-5, rope_theta=1e6, max_position=256, moe_layers=(0, 1))
-    if kind == "mixtral":
-        return ModelConfig(arch="mixtral", n_experts=8, top_k=2, moe_intermediate_size=96, norm_topk_prob=True,
-                           **common)
-    return ModelConfig(arch="qwen2_moe", qkv_bias=True, n_experts=12, top_k=4, moe_intermediate_size=64,
-                       n_shared_experts=1, shared_intermediate_size=160, shared_expert_gate=True, **common)
-
-
 def _rel(a, b) -> float:
     return quant.rel_rms(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
@@ -260,7 +251,7 @@ def test_decode_int8_matches_numpy_int8(case):
     kind, experts, dense = case
     seed = int(np.random.default_rng().integers(1 << 30))
     print(f"random seed {seed}")
-    src = DeviceRandomSource(_cfg(kind), experts=experts, dense=dense, group=32, seed=seed)
+    src = DeviceRandomSource(cfg_of(kind), experts=experts, dense=dense, group=32, seed=seed)
     r8, r16 = Model(src, NumpyBackend(act="int8")), Model(src, "numpy")
     pool = src.pool()
     gm = Model(src, CupyBackend(act="int8"), experts=PoolExperts(pool))
