@@ -73,3 +73,26 @@ def forward_following_ties(ref, gpu, tokens, ref_cache, gpu_cache, rel_gap: floa
     finally:
         gpu.route_hook = ref.route_hook = None
     return lr, lg, switched
+
+
+def rows_prep_case(rng, act: str = "f16", R: int = 3, K: int = 333, A: int = 2, KX: int = 384):
+    """rows_prep on random rows with every input it takes (A expert buffers, a gated second add,
+    norm weights), output buffers pre-filled with NaN / 0xFFFF -> dict: h (host input), hd (its
+    device copy after the call), hout, x32, prep (device outputs), href, xref (gpu_ref's)."""
+    import cupy as cp
+    from efengine.ops import gpu_ops as ops
+    from efengine.ops import gpu_ref
+    h = rng.standard_normal((R, K)).astype(np.float32)
+    yb = rng.standard_normal((R, A, K)).astype(np.float32)
+    a2 = rng.standard_normal((R, K)).astype(np.float32)
+    g = rng.standard_normal(R).astype(np.float32)
+    nw = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    hd = cp.asarray(h)
+    hout = cp.full((R, K), np.nan, dtype=cp.float32)
+    x32 = cp.full((R, K), np.nan, dtype=cp.float32)
+    prep = ops.XPrep(R, K, KX, act)
+    prep.xh.fill(0xFFFF)
+    ops.rows_prep(hd, K, ybuf=cp.asarray(yb), A=A, add2=cp.asarray(a2), add2_gate=cp.asarray(g),
+                  nw=cp.asarray(nw), eps=1e-5, x32=x32, prep=prep, hout=hout)
+    href, xref = gpu_ref.rows_prep_ref(h, yb, a2, g, nw, 1e-5)
+    return dict(h=h, hd=hd, hout=hout, x32=x32, prep=prep, href=href, xref=xref)

@@ -20,7 +20,7 @@ from efengine.ops import act_int8
 from efengine.ops.numpy_backend import NumpyBackend
 
 from gpu_check import HAVE_GPU, cp
-from gpu_helpers import assert_replay_matches_eager, forward_following_ties, random_pool  # noqa: E402
+from gpu_helpers import assert_replay_matches_eager, forward_following_ties, random_pool, rows_prep_case  # noqa: E402
 from test_gpu_model import cfg_of  # noqa: E402
 from quant_helpers import stored  # noqa: E402
 
@@ -56,21 +56,9 @@ def host_prep(prep) -> tuple:
 # ---- rows_prep -----------------------------------------------------------------------------------
 
 def test_rows_prep_int8(rng):
-    from efengine.ops import gpu_ref
-    R, K, A, KX = 3, 333, 2, 384
-    h = rng.standard_normal((R, K)).astype(np.float32)
-    yb = rng.standard_normal((R, A, K)).astype(np.float32)
-    a2 = rng.standard_normal((R, K)).astype(np.float32)
-    g = rng.standard_normal(R).astype(np.float32)
-    nw = rng.uniform(0.5, 1.5, K).astype(np.float32)
-    hout = cp.full((R, K), np.nan, dtype=cp.float32)
-    x32 = cp.full((R, K), np.nan, dtype=cp.float32)
-    prep = ops.XPrep(R, K, KX, "int8")
-    prep.xh.fill(0xFFFF)
-    ops.rows_prep(cp.asarray(h), K, ybuf=cp.asarray(yb), A=A, add2=cp.asarray(a2), add2_gate=cp.asarray(g),
-                  nw=cp.asarray(nw), eps=1e-5, x32=x32, prep=prep, hout=hout)
-    href, xref = gpu_ref.rows_prep_ref(h, yb, a2, g, nw, 1e-5)
-    assert quant.rel_rms(href, cp.asnumpy(hout)) < 1e-6 and quant.rel_rms(xref, cp.asnumpy(x32)) < 1e-6
+    c = rows_prep_case(rng, "int8")
+    prep, x32 = c["prep"], c["x32"]
+    assert quant.rel_rms(c["href"], cp.asnumpy(c["hout"])) < 1e-6 and quant.rel_rms(c["xref"], cp.asnumpy(x32)) < 1e-6
     check_prep(prep, cp.asnumpy(x32))
     # a plain prep of chunks that are zero, negligible (amax < 2^-100), hold NaN or inf, or span 1e30
     x = (rng.standard_normal((2, 200)) * 3).astype(np.float32)

@@ -20,7 +20,7 @@ from efengine.ops.numpy_backend import NumpyBackend
 
 
 from gpu_check import HAVE_GPU
-from gpu_helpers import random_pool  # noqa: E402
+from gpu_helpers import random_pool, rows_prep_case  # noqa: E402
 
 
 def gpu(f):
@@ -166,23 +166,11 @@ def test_odd_group_widened_to_f16(rng):
 
 @gpu
 def test_rows_prep(rng):
-    R, K, A, KX = 3, 333, 2, 384
-    h = rng.standard_normal((R, K)).astype(np.float32)
-    yb = rng.standard_normal((R, A, K)).astype(np.float32)
-    a2 = rng.standard_normal((R, K)).astype(np.float32)
-    g = rng.standard_normal(R).astype(np.float32)
-    nw = rng.uniform(0.5, 1.5, K).astype(np.float32)
-    hd = cp.asarray(h)
-    hout = cp.full((R, K), np.nan, dtype=cp.float32)
-    x32 = cp.full((R, K), np.nan, dtype=cp.float32)
-    prep = ops.XPrep(R, K, KX)
-    prep.xh.fill(0xFFFF)
-    ops.rows_prep(hd, K, ybuf=cp.asarray(yb), A=A, add2=cp.asarray(a2), add2_gate=cp.asarray(g),
-                  nw=cp.asarray(nw), eps=1e-5, x32=x32, prep=prep, hout=hout)
-    href, xref = gpu_ref.rows_prep_ref(h, yb, a2, g, nw, 1e-5)
-    assert rel(href, cp.asnumpy(hout)) < 1e-6
+    c = rows_prep_case(rng)
+    h, hd, prep, x32, KX = c["h"], c["hd"], c["prep"], c["x32"], c["prep"].KX
+    assert rel(c["href"], cp.asnumpy(c["hout"])) < 1e-6
     np.testing.assert_array_equal(cp.asnumpy(hd), h)          # the input is not written
-    assert rel(xref, cp.asnumpy(x32)) < 1e-6
+    assert rel(c["xref"], cp.asnumpy(x32)) < 1e-6
     xh, xs, xc = gpu_ref.prep_ref(cp.asnumpy(x32), KX)
     np.testing.assert_array_equal(cp.asnumpy(prep.xh).view(np.float16), xh)
     np.testing.assert_array_equal(cp.asnumpy(prep.xc), xc)
