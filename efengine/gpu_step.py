@@ -43,8 +43,7 @@ def graph_config(cfg) -> bool:
 
 def offload_graph_note(cfg, route_bias: float = 0.0) -> str:
     """"" where an offloaded decode may run as OffloadStepper, else why it stays eager (the
-    Engine's graph_note): the segmented graph takes MoE configs DecodeGraph takes
-    (offload_gpu_bench._graph_ok), and it never calls Model.forward's route hook, where route_bias
+    Engine's graph_note): the segmented graph takes MoE configs DecodeGraph takes, and it never calls Model.forward's route hook, where route_bias
     (lossy, opt-in) reroutes."""
     if not cfg.is_moe:
         return "eager decode: the offloaded graph decode needs a model with routed experts"
@@ -163,8 +162,8 @@ class OffloadStepper:
     gate then waited for forever (the runtime now keeps them pinned until the device is past that
     gate: OffloadRuntime.settled); and a step's log sequence numbers were not cleared, so a step
     rewound to a position an earlier one had used could take that step's routing for its own.
-    Still open: with both fixes, expertflow at 8% of a random 12-layer Qwen1.5-MoE .ef fails its
-    third graph step every time (4% and 50% do not; ondemand never has); once the step is drained,
+    Still open: with both fixes, expertflow at 8% of a random 12-layer Qwen1.5-MoE .ef failed its
+    third graph step in some runs (timing dependent; 4% and 50% did not, nor ondemand); once drained,
     every expert its gates asked for is resident and published (a transient wait?). The Engine
     redoes that token eagerly and decodes eagerly from then on: same tokens, GATE_TIMEOUT_S lost."""
 

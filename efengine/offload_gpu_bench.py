@@ -402,7 +402,8 @@ def _cell_graph(src, store, trace, policy: str, frac: float, a, timeline: bool =
 
 def _graph_ok(cfg) -> bool:
     """Does the segmented graph decode support this config (else the eager path runs)?"""
-    return cfg.attention == "gqa" and not cfg.qk_norm and cfg.is_moe
+    from .gpu_step import graph_config
+    return graph_config(cfg) and cfg.is_moe
 
 
 def add_args(p) -> None:

@@ -275,13 +275,17 @@ class PoolExperts(ExpertProvider):
 
     def __init__(self, pool: ExpertPool):
         self.pool = pool
+        self._layers: dict[int, dict | None] = {}     # layer_handles, made once a layer
 
     def begin_layer(self, layer: int, ids: np.ndarray):
         for e in np.unique(ids):
             yield int(e), self.pool.handle(layer, int(e))
 
     def layer_handles(self, layer: int) -> dict | None:
-        """Every expert of the layer (a resident pool holds them all), or None if one is not."""
-        if any((layer, e) not in self.pool.where for e in range(self.pool.E)):
-            return None
-        return {e: self.pool.handle(layer, e) for e in range(self.pool.E)}
+        """Every expert of the layer (a resident pool holds them all), or None if one is not.
+        Made once a layer (the pool does not change under this provider): a prefill asks every layer."""
+        if layer not in self._layers:
+            where = self.pool.where
+            self._layers[layer] = (None if any((layer, e) not in where for e in range(self.pool.E))
+                                   else {e: self.pool.handle(layer, e) for e in range(self.pool.E)})
+        return self._layers[layer]
