@@ -204,9 +204,16 @@ class ExpertPool:
 
     def unassign(self, slot: int) -> None:
         """An eviction (Prefetcher.load, before the copy into `slot` is queued): with a host map the
-        device must stop finding the old expert there now; without one, assign clears it later."""
-        old = self.owner.get(slot)
-        if self.host_map is not None and old is not None and self.where.get(old) == slot:
+        device must stop finding the old expert there now, and the old expert is forgotten here, so
+        the slot's next assign clears nothing: by then the old expert may have been copied again
+        into another slot and published there by the copy stream, which the host learns only at a
+        later poll (a -1 then would make its gate wait for a copy that has landed). Without a host
+        map, assign clears it later."""
+        if self.host_map is None:
+            return
+        old = self.owner.pop(slot, None)
+        if old is not None and self.where.get(old) == slot:
+            del self.where[old]
             self.host_map[old] = -1
 
     @property
@@ -222,9 +229,10 @@ class ExpertPool:
     def assign(self, layer: int, e: int, slot: int) -> None:
         """Point (layer, e) at slot (and unmap whatever held the slot before).
 
-        Eviction does not touch the pool (the previous holder's table entry is cleared here, one
-        device write fewer per miss), so the previous holder may have been loaded again into another
-        slot and assigned there first (its copy waited for out of order): then it stays mapped."""
+        Without a host map, eviction does not touch the pool (the previous holder's table entry is
+        cleared here, one device write fewer per miss), so the previous holder may have been loaded
+        again into another slot and assigned there first (its copy waited for out of order): then it
+        stays mapped. With one, unassign forgot the previous holder at its eviction (see there)."""
         old = self.owner.pop(slot, None)
         mapped = self.host_map is not None
         if old is not None and self.where.get(old) == slot:
