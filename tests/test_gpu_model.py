@@ -101,3 +101,30 @@ def test_generate_matches_step_by_step():
         g2.stream.synchronize()
         one.append(int(g2.tok.get()[0]))
     assert toks == one
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dependent_launches_same_bits(case):
+    """The decode graph with programmatic dependent launches (each kernel scheduled while the one
+    before it runs, and waiting for it in grid_dep) gives the plain graph's logits bit for bit."""
+    from efengine.model import Model
+    from efengine.ops import gpu_kernels
+    from efengine.ops.gpu_decode import DecodeGraph
+    from efengine.ops.gpu_synth import DeviceRandomSource
+    from efengine.ops.gpu_weights import PoolExperts
+    if not gpu_kernels.pdl_supported():
+        pytest.skip("programmatic dependent launch needs sm_90+ and cuLaunchKernelEx")
+    kind, experts, dense = case
+    cfg = cfg_of(kind)
+    src = DeviceRandomSource(cfg, experts=experts, dense=dense, group=32, seed=21)
+    pool = src.pool()
+    m = Model(src, "cupy", experts=PoolExperts(pool))
+    out = {}
+    for pdl in (False, True):
+        c = m.new_cache(48)
+        m.forward([5, 9, 2, 7], c)
+        g = DecodeGraph(m, pool, c, pdl=pdl)
+        toks = g.generate(11, 24)
+        out[pdl] = toks, cp.asnumpy(g.logits)
+    assert out[True][0] == out[False][0]
+    np.testing.assert_array_equal(out[True][1], out[False][1])

@@ -16,6 +16,9 @@ Supported: GQA without qk-norm (Mixtral, Qwen1.5/2-MoE with bias and shared expe
 layers, Llama). Other configs raise ConfigError; use Model.forward for them.
 act ("f16" | "int8", default: the backend's): the format of every activation prep, so of how the
 kernels of quantized matrices take x (fp16 pairs or int8 codes with dp4a; act_int8.py).
+pdl (default: where the GPU and driver take it): the step's kernels are launched as programmatic
+dependent launches, so each is scheduled while the one before it runs (gpu_kernels.py); the
+kernels wait for their predecessor before touching memory, so the results are the same bits.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import numpy as np
 from ..errors import ConfigError
 from . import gpu_ops as ops
 from .act_int8 import check_act
+from . import gpu_kernels
 from .gpu_kernels import addr, cupy
 from .gpu_weights import ExpertPool, GpuWeight
 
@@ -35,9 +39,10 @@ def _dense_src() -> ops.Experts:
 class DecodeGraph:
     """One greedy decode step of `model` (backend cupy) as a replayable CUDA graph."""
 
-    def __init__(self, model, pool: ExpertPool | None, cache, act: str | None = None):
+    def __init__(self, model, pool: ExpertPool | None, cache, act: str | None = None, pdl: bool | None = None):
         cfg = self.cfg = model.cfg
         self.act = check_act(act if act is not None else getattr(model.backend, "act", "f16"))
+        self.pdl = gpu_kernels.pdl_supported() if pdl is None else bool(pdl)
         if model.backend.name != "cupy":
             raise ConfigError("DecodeGraph needs a model on the cupy backend")
         if cfg.attention != "gqa" or cfg.qk_norm:
@@ -137,6 +142,10 @@ class DecodeGraph:
         ops.moe_down(_dense_src(), ops.Mat.of_weight(down), 1, self.fbuf, self.fprep, None, self.fy)
 
     def _step(self) -> None:
+        with gpu_kernels.dependent_launches(self.pdl):
+            self._layers()
+
+    def _layers(self) -> None:
         cfg, m = self.cfg, self.model
         H, G, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         ops.embed(self.tok, m.tok_embd, out=self.hb[0])

@@ -6,9 +6,16 @@ toolkit headers, so nothing beyond CuPy and the driver is needed.
 
 Kernel arguments must have the exact C types: use the helpers i32 / i64 / u64 / f32 for
 scalars and ptr(a) for optional arrays (None becomes a null pointer).
+
+Inside `dependent_launches()` the kernels of PDL_MODULES go out through the driver's
+cuLaunchKernelEx with programmatic stream serialization (sm_90+): a kernel's blocks may be
+scheduled before the previous kernel ends, and each waits in grid_dep() (common.cuh) until it has.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +72,90 @@ def launch(module: str, name: str, grid, block, args, shared: int = 0) -> None:
     LAUNCHES[0] += 1
     if shared > 48 * 1024 and k.max_dynamic_shared_size_bytes < shared:
         k.max_dynamic_shared_size_bytes = shared
-    k(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args), shared_mem=int(shared))
+    if _PDL[0] and module in PDL_MODULES:
+        _launch_dependent(k, grid, block, args, int(shared))
+    else:
+        k(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args), shared_mem=int(shared))
+
+
+# ---- programmatic dependent launch ---------------------------------------------------------------
+PDL_MODULES = frozenset({"gemv", "moe", "attn", "misc"})      # every kernel starts with grid_dep()
+_PDL = [False]
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6      # CUlaunchAttributeID
+
+
+class _LaunchAttr(ctypes.Structure):             # CUlaunchAttribute: id, padding, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):           # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("n_attrs", ctypes.c_uint)]
+
+
+_C_ARG = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64,
+          np.dtype(np.uint32): ctypes.c_uint32, np.dtype(np.uint64): ctypes.c_uint64,
+          np.dtype(np.float32): ctypes.c_float}
+_LAUNCH_EX: list = [None]
+
+
+def _launch_ex():
+    """cuLaunchKernelEx from the driver library, or False where there is none."""
+    fn = _LAUNCH_EX[0]
+    if fn is None:
+        fn = False
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            if hasattr(lib, "cuLaunchKernelEx"):
+                fn = lib.cuLaunchKernelEx
+                fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+        except OSError:
+            pass
+        _LAUNCH_EX[0] = fn
+    return fn
+
+
+def pdl_supported() -> bool:
+    """Whether launches may carry the PDL attribute here: an sm_90+ device, a driver with
+    cuLaunchKernelEx, and EFENGINE_PDL not set to 0."""
+    if cupy is None or os.environ.get("EFENGINE_PDL", "1") == "0":
+        return False
+    return int(cupy.cuda.Device().compute_capability) >= 90 and bool(_launch_ex())
+
+
+@contextmanager
+def dependent_launches(on: bool = True):
+    """Kernels of PDL_MODULES launched inside carry the PDL attribute (a no-op where `on` is false)."""
+    prev = _PDL[0]
+    _PDL[0] = bool(on)
+    try:
+        yield
+    finally:
+        _PDL[0] = prev
+
+
+def _c_arg(a):
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return ctypes.c_uint64(a.data.ptr)
+    ct = _C_ARG.get(getattr(a, "dtype", None))
+    if ct is None or not isinstance(a, np.generic):
+        raise TypeError(f"kernel argument of type {type(a).__name__}: pass an array or i32 / i64 / u64 / f32")
+    return ct(a.item())
+
+
+def _launch_dependent(k, grid, block, args, shared: int) -> None:
+    vals = [_c_arg(a) for a in args]
+    params = (ctypes.c_void_p * max(1, len(vals)))(*[ctypes.addressof(v) for v in vals])
+    attr = _LaunchAttr(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1
+    g = [int(x) for x in grid] + [1] * (3 - len(grid))
+    b = [int(x) for x in block] + [1] * (3 - len(block))
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared,
+                        cupy.cuda.get_current_stream().ptr, ctypes.pointer(attr), 1)
+    rc = _launch_ex()(ctypes.byref(cfg), k.kernel.ptr, params, None)
+    if rc != 0:
+        raise EfError(f"cuLaunchKernelEx of {k.name} failed (CUresult {rc})")
 
 
 _resident: dict[tuple[str, str, int], int] = {}

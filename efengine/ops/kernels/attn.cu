@@ -258,7 +258,7 @@ __device__ __forceinline__ void attention_body(const float* q, i64 ldq_t, i64 ld
     int G, int dq, int dv, const int* pos0p, float scale, float* ws_m, float* ws_l, float* ws_acc, \
     int* counters, u16* oxh, float* oxs, float* oxc, int OKX, int oact
 #define ATT_INST(NAME, QW, HD) \
-    extern "C" __global__ void __launch_bounds__(128) NAME(ATT_ARGS) { \
+    extern "C" __global__ void __launch_bounds__(128) NAME(ATT_ARGS) { grid_dep(); \
         attention_body<QW, HD>(q, ldq_t, ldq_h, k, v, out, T, H, G, dq, dv, pos0p, scale, ws_m, ws_l, ws_acc, \
                            counters, oxh, oxs, oxc, OKX, oact); }
 ATT_INST(attention_q1, 1, 0)
@@ -278,6 +278,7 @@ __device__ __forceinline__ void rot(float a, float b, float c, float s, float* r
 // Pair i of token t uses row pos[t] (pos == null: row t) of the tables cos / sin [P, r/2].
 extern "C" __global__ void rope_kernel(const float* x, i64 ldt, i64 ldh, float* out, int T, int nh, int r,
                                        const float* cos_t, const float* sin_t, const int* pos, int interleaved) {
+    grid_dep();
     const int t = blockIdx.x / nh, hd = blockIdx.x % nh, half = r / 2;
     const i64 row = pos ? pos[t] : t;
     const float* xr = x + t * ldt + hd * ldh;
@@ -297,6 +298,7 @@ extern "C" __global__ void rope_kernel(const float* x, i64 ldt, i64 ldh, float* 
 extern "C" __global__ void qkv_rope_store(float* q, const float* k, const float* v, int T, int H, int G, int d,
                                           const float* cos_t, const float* sin_t, const int* pos0p,
                                           float* kc, float* vc) {
+    grid_dep();
     const int per = H + 2 * G, t = blockIdx.x / per, j = blockIdx.x % per, half = d / 2;
     const i64 pos = (i64)(*pos0p) + t;
     if (j < H + G) {

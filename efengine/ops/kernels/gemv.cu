@@ -34,6 +34,7 @@ extern "C" __global__ void __launch_bounds__(256)
 rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int A, const float* add2,
           const float* add2_gate, const float* nw, float eps, float* x32, u16* xh, float* xs, float* xc, int KX,
           int act) {
+    grid_dep();
     __shared__ float red[32];
     const int r = blockIdx.x;
     const float* hr = hin + (i64)r * ldh;
@@ -116,6 +117,7 @@ rows_prep(const float* hin, float* hout, int ldh, int K, const float* ybuf, int 
 // the operands of the prefill GEMMs (no fp16 overflow whatever the activations' range)
 extern "C" __global__ void __launch_bounds__(256)
 rows_to_f16(const float* x, int K, u16* out, float* inv) {
+    grid_dep();
     __shared__ float red[32];
     const int r = blockIdx.x;
     const float* xr = x + (i64)r * K;
@@ -141,6 +143,7 @@ rows_to_f16(const float* x, int K, u16* out, float* inv) {
 // matrix after matrix (ntasks = sum of ceil(N / RW)); persistent grid (stream.cuh).
 template <int RW, int T>
 struct GemvF {
+    static constexpr bool EARLY = true;          // descriptors are written before a graph's capture
     const u64* desc;
     int nmat, wt, K, Kp, gshift, KX;
     const float* x32;
@@ -319,6 +322,7 @@ __device__ void route_warp(const float* logits, int E, int A, int method, int n_
 // logits [T, E] -> ids, wts [T, A]; one warp a token
 extern "C" __global__ void route_kernel(const float* logits, int T, int E, int A, int method, int n_group,
                                         int topk_group, int norm, int ones, float scaling, int* ids, float* wts) {
+    grid_dep();
     const int t = blockIdx.x;
     route_warp(logits + (i64)t * E, E, A, method, n_group, topk_group, norm, ones, scaling, ids + t * A, wts + t * A);
 }
@@ -374,7 +378,7 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
         const u8* q, const u16* s, const u16* m, const u8* xq, const u16* xs_, const u16* xm, int K, int Kp, \
         int gshift, const float* x32, int ldx, const u16* xh, const float* xs, const float* xc, int KX, \
         float* logits_out, float* extra_out, int E, int A, int method, int n_group, int topk_group, int norm, \
-        int ones, float scaling, int* ids, float* wts) { \
+        int ones, float scaling, int* ids, float* wts) { grid_dep(); \
         router_body<WT, ACT>(q, s, m, xq, xs_, xm, K, Kp, gshift, x32, ldx, xh, xs, xc, KX, logits_out, extra_out, \
                         E, A, method, n_group, topk_group, norm, ones, scaling, ids, wts); }
 ROUTER_INST(f32, WT_F32, ACT_F16)

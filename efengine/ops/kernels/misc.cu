@@ -4,6 +4,7 @@
 // out[t, :] = row ids[t] of W [V, D] (any stored type), dequantized as quant.py does
 extern "C" __global__ void embed_kernel(const int* ids, int wt, const u8* q, const u16* s, const u16* m,
                                         int D, int Kp, int group, float* out) {
+    grid_dep();
     const int t = blockIdx.x;                  // blocks (t, y) share a row: one value a thread
     const i64 id = ids[t];
     for (int k = blockIdx.y * blockDim.x + threadIdx.x; k < D; k += gridDim.y * blockDim.x)
@@ -14,6 +15,7 @@ extern "C" __global__ void embed_kernel(const int* ids, int wt, const u8* q, con
 // of 8 take 8 values a thread (one 32-bit load of q4 codes, one 16-byte store).
 extern "C" __global__ void __launch_bounds__(256)
 dequant_f16(int wt, const u8* q, const u16* s, const u16* m, int K, int Kp, int group, u16* out) {
+    grid_dep();
     const i64 row = blockIdx.x;
     u16* orow = out + row * K;
     const bool vec = (wt == WT_Q4 || wt == WT_Q8) && (K & 7) == 0 && (group & 7) == 0;
@@ -53,6 +55,7 @@ dequant_f16(int wt, const u8* q, const u16* s, const u16* m, int K, int Kp, int 
 // no host work in between.
 extern "C" __global__ void __launch_bounds__(1024)
 argmax_advance(const float* logits, int V, int* tok, int* pos, int* hist) {
+    grid_dep();
     __shared__ float bv[32];
     __shared__ int bi[32];
     float best = -INFINITY;
@@ -96,16 +99,19 @@ __device__ __forceinline__ u32 mix32(u32 x) {
 
 // synthetic weights for the bench: random words, and uniform fp16 / f32 values in [lo, hi)
 extern "C" __global__ void fill_random_u32(u32* p, i64 n, u32 seed) {
+    grid_dep();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         p[i] = mix32((u32)i * 0x9E3779B9u + seed * 0x85EBCA6Bu + (u32)(i >> 32));
 }
 extern "C" __global__ void fill_random_f16(u16* p, i64 n, u32 seed, float lo, float hi) {
+    grid_dep();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const float u = (mix32((u32)i * 0x9E3779B9u + seed * 0x85EBCA6Bu + (u32)(i >> 32)) >> 8) * (1.0f / 16777216.0f);
         p[i] = f2h(lo + (hi - lo) * u);
     }
 }
 extern "C" __global__ void fill_random_f32(float* p, i64 n, u32 seed, float lo, float hi) {
+    grid_dep();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const float u = (mix32((u32)i * 0x9E3779B9u + seed * 0x85EBCA6Bu + (u32)(i >> 32)) >> 8) * (1.0f / 16777216.0f);
         p[i] = lo + (hi - lo) * u;
@@ -114,6 +120,7 @@ extern "C" __global__ void fill_random_f32(float* p, i64 n, u32 seed, float lo, 
 
 // Read bandwidth probe: every 16-byte word once, four loads in flight a thread.
 extern "C" __global__ void read_probe(const uint4* p, i64 n, u32* sink) {
+    grid_dep();
     u32 acc = 0;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;

@@ -29,6 +29,7 @@ __device__ __forceinline__ bool expert_base(const int* ids, const int* table, in
 // When hxh is given, the warp that finishes the last rows of a chunk of 32 (atomic counter
 // cnt[p, chunk], reset by that warp) writes the chunk's xprep (format hact) for the down projection.
 struct GateUpF {
+    static constexpr bool EARLY = false;         // ids come from the router: grid_dep() first (run_tasks)
     const int* ids; const int* table; int E; int* err; const u8* pool; i64 stride;
     u64 gq, gs, gm, uq, us, um;
     int wt, I, K, Kp, gshift, A, ngroups;
@@ -80,6 +81,7 @@ struct GateUpF {
 // y[p, :] = rw[p] * (down_e . h[p]) (rw == null: weight 1); one output row a pair.
 template <int RW>
 struct DownF {
+    static constexpr bool EARLY = false;
     const int* ids; const int* table; int E; int* err; const u8* pool; i64 stride;
     u64 dq, ds, dm;
     int wt, D, K, Kp, gshift, ngroups;
@@ -122,7 +124,7 @@ struct DownF {
         int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 gq, u64 gs, \
         u64 gm, u64 uq, u64 us, u64 um, int I, int K, int Kp, int gshift, int A, const float* x32, int ldx, \
         const u16* xh, const float* xs, const float* xc, int KX, float* hout, int ldh, u16* hxh, float* hxs, \
-        float* hxc, int HKX, int* cnt, int hact) { \
+        float* hxc, int HKX, int* cnt, int hact) { grid_dep(); \
         GateUpF f; \
         f.ids = ids; f.table = table; f.E = E; f.err = err; f.pool = pool; f.stride = stride; \
         f.gq = gq; f.gs = gs; f.gm = gm; f.uq = uq; f.us = us; f.um = um; \
@@ -133,7 +135,7 @@ struct DownF {
     extern "C" __global__ void __launch_bounds__(256, MBD) moe_down_##WTN( \
         int ntasks, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 dq, u64 ds, \
         u64 dm, int D, int K, int Kp, int gshift, const float* h32, int ldh, const u16* hxh, const float* hxs, \
-        const float* hxc, int HKX, const float* rw, float* y, int ldy) { \
+        const float* hxc, int HKX, const float* rw, float* y, int ldy) { grid_dep(); \
         DownF<2> f; \
         f.ids = ids; f.table = table; f.E = E; f.err = err; f.pool = pool; f.stride = stride; \
         f.dq = dq; f.ds = ds; f.dm = dm; f.wt = WT; f.D = D; f.K = K; f.Kp = Kp; f.gshift = gshift; \

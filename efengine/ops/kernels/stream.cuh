@@ -215,16 +215,20 @@ __device__ __forceinline__ void zero_acc(float (&acc)[RW][T]) {
         for (int t = 0; t < T; ++t) acc[i][t] = 0.0f;
 }
 
+// F::EARLY: what a task reads to find its weight rows is settled before the kernel may start (GemvF:
+// a graph's descriptors are written before capture), so a warp's first weight loads go out before
+// grid_dep() and overlap the previous kernel's tail. Kernels of other F call grid_dep() first.
 template <int WT, int T, int RW, int U, int ACT, class F>
 __device__ __forceinline__ void run_tasks(F& f, int ntasks, int K, int Kp, int gshift, int ldx, int KX) {
     const int nwarps = gridDim.x * (blockDim.x >> 5);
     int task = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (task >= ntasks) return;
+    if (task >= ntasks) return;          // touches nothing: need not wait
     float acc[RW][T];
     zero_acc(acc);
     typename F::Task cur, nxt;
     Rows<RW> r;
     if (!WTraits<WT>::Q && (K & 7)) {
+        if (F::EARLY) grid_dep();
         for (; task < ntasks; task += nwarps) {
             f.task(task, cur);
             f.rows(cur, r);
@@ -240,6 +244,7 @@ __device__ __forceinline__ void run_tasks(F& f, int ntasks, int K, int Kp, int g
     f.task(task, cur);
     f.rows(cur, r);
     stream_load<WT, RW, U>(buf, r, 0, nc, gshift);
+    if (F::EARLY) grid_dep();
     int g = 0;
     while (true) {
         int nt = task, ng = g + 1;
