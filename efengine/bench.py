@@ -98,15 +98,34 @@ GEMV_CASES = [("q4", (14336, 4096), "f16"), ("q4", (4096, 14336), "f16"), ("q8",
               ("q4", (14336, 4096), "int8"), ("q4", (4096, 14336), "int8"), ("q8", (4096, 4096), "int8")]
 
 
+def _graph_of(run, pdl: bool):
+    """run()'s launches captured as one CUDA graph (after an eager warm-up), and its stream."""
+    import cupy
+    from .ops import gpu_kernels
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream, gpu_kernels.dependent_launches(pdl):
+        run()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            run()
+        finally:
+            graph = stream.end_capture()
+    return graph, stream
+
+
 def gemv_bench(read_GBps: float) -> list[dict]:
     """GEMV kernels alone on matrices of expert shape (several copies: none stays in L2), quantized
-    ones with each activation format."""
+    ones with each activation format; 60 launches a CUDA graph, as a decode step launches them
+    (programmatic dependent launches where the GPU takes them, "pdl")."""
     import cupy
+    from .ops import gpu_kernels
     from .ops import gpu_ops as ops
     from .ops.gpu_synth import fill_tensor
     from .ops.gpu_weights import GpuWeight
     from . import quant
     out = []
+    pdl = gpu_kernels.pdl_supported()
     for qtype, (N, K), act in GEMV_CASES:
         copies = 6
         nb = quant.nbytes(qtype, (N, K), 64)
@@ -126,10 +145,11 @@ def gemv_bench(read_GBps: float) -> list[dict]:
             for _ in range(reps):
                 for W, d in zip(Ws, descs):
                     ops.gemv_launch(d, [W], 1, x, prep if W.quantized else None)
-        t = _timed(run, 5) / (reps * copies)
+        graph, stream = _graph_of(run, pdl)
+        t = _timed(lambda: graph.launch(stream), 5, stream=stream) / (reps * copies)
         gbps = nb / t / 1e9
         out.append({"type": qtype, "shape": [N, K], "bytes": nb, "us": t * 1e6, "GBps": gbps,
-                    "frac_read_bw": gbps / read_GBps, "act": act})
+                    "frac_read_bw": gbps / read_GBps, "act": act, "pdl": pdl})
     cupy.get_default_memory_pool().free_all_blocks()
     return out
 
@@ -198,7 +218,8 @@ def _decode_bench(model, pool, cache, pos0: int, act: str, args, ceil: dict) -> 
     g = DecodeGraph(model, pool, cache, act=act)
     n0 = gpu_kernels.LAUNCHES[0]
     g.capture()
-    r = {"kernels_per_step": (gpu_kernels.LAUNCHES[0] - n0) // 2}     # warm-up step + captured step
+    r = {"kernels_per_step": (gpu_kernels.LAUNCHES[0] - n0) // 2,     # warm-up step + captured step
+         "pdl": g.pdl}
 
     def decode():
         g.start(1, pos0)
