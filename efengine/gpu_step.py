@@ -155,17 +155,15 @@ class OffloadStepper:
     stats (its copies are real ones).
 
     A failed step (a gate that waited timeout_s for an expert no copy was coming for) raises after
-    the device has finished, cache.pos unchanged; the Engine then redoes the token eagerly. Seen
-    once on the H100 (expertflow, 8% cache, random Qwen1.5-MoE) before two fixes in the run-ahead
-    path: end_layer(l) unpinned layer l's experts while the device could still be polling at l's
-    gate for a miss, so a prefetch (expertflow evicts by predicted next use) could evict one the
-    gate then waited for forever (the runtime now keeps them pinned until the device is past that
-    gate: OffloadRuntime.settled); and a step's log sequence numbers were not cleared, so a step
-    rewound to a position an earlier one had used could take that step's routing for its own.
-    Still open: with both fixes, expertflow at 8% of a random 12-layer Qwen1.5-MoE .ef failed its
-    third graph step in some runs (timing dependent; 4% and 50% did not, nor ondemand); once drained,
-    every expert its gates asked for is resident and published (a transient wait?). The Engine
-    redoes that token eagerly and decodes eagerly from then on: same tokens, GATE_TIMEOUT_S lost."""
+    the device has finished, cache.pos unchanged; the Engine then redoes the token eagerly. Causes
+    found on the H100 (expertflow, 8% cache, random Qwen1.5-MoE) and fixed: end_layer(l) unpinned
+    layer l's experts while the gate could still poll for a miss (now pinned until
+    OffloadRuntime.settled); a step's log sequence numbers were not cleared; and, timing dependent,
+    a prefetch Y evicting X, X copied again elsewhere and published by the copy stream before the
+    host polled it, then the host finishing Y first, whose ExpertPool.assign wrote -1 over X's new
+    entry: the gate waiting for X saw it unpublished until the host's next poll, which comes only
+    after that gate (ExpertPool.unassign now forgets the evicted expert).
+    tests/test_offload_runahead_map.py simulates the protocol on the CPU."""
 
     def __init__(self, model, runtime, cache, predict_ahead: int | None = None):
         from .ops.gpu_runahead import RunaheadDecodeGraph

@@ -1,17 +1,30 @@
-"""The run-ahead decode's host slot map (ExpertPool.host_map) while copies land under the host.
+"""The run-ahead decode's protocol between host and device, simulated on the CPU.
 
-In the run-ahead decode (ops/gpu_runahead.py) the device's gates poll `host_map` for each routed
-expert; a copy publishes its slot there from the copy stream the moment its bytes land, and the
-host only learns that a copy landed later, when it polls the copy's event (Prefetcher.poll) at the
-next layer's demand. So between a publish and the host's poll, the host must never write over a
-published entry: after the host served layer l (demand, end_layer) nothing on the host runs until
-the device has passed l's gate, so an entry cleared there stays cleared and the gate waits out its
-timeout for a copy that has already landed (the H100 failure: expertflow, 8% of a random Qwen
-.ef, "a run-ahead gate waited too long"; once drained, every expert published and resident).
+In the run-ahead decode (ops/gpu_runahead.py, kernels/offload.cu) the whole step runs on the
+device; after each MoE router an `expert_gate` logs the ids for the host, waits until every routed
+expert's slot is published in the host-held map (ExpertPool.host_map), claims the layer (its
+kernels read those slots until the next gate starts) and goes on. The host follows: demand(layer,
+wait=False) issues the misses' copies, end_layer plans prefetches. A copy publishes its slot from
+the copy stream the moment its bytes land; the host learns that a copy landed only when it polls
+the copy's event (at the next demand). A copy that evicts an expert waits on the copy stream
+behind `slot_guard` while the victim's layer holds a claim.
 
-The ExpertPool's host-side code runs here with numpy standing in for cupy; CopyStream plays the
-copy stream: copies land in submit order, each publishing its slot into host_map, and one may land
-whenever the host queries an event (as a real copy lands while the host works).
+Two ways this went wrong, both found on the H100 (expertflow, 8% of a random Qwen .ef):
+  - a gate waited out its timeout for a copy that had landed: a prefetch Y evicted X, X was copied
+    again into another slot and published, and the host then finished Y first (submit order),
+    whose assign cleared X's entry because the pool still named X the slot's holder;
+  - (found reading the code, the same interleavings) a demand copy overwrote a slot a later
+    layer's kernels were reading: the device passes a gate whose experts are resident before the
+    host reaches that layer, a prefetch may then evict one of them (guarded), the host's demand
+    copies it again, and that demand copy's victim may belong to a layer the device has claimed.
+
+`RunAhead` plays the device (gates, claims, a FIFO copy stream with guards and publishes) against
+the real OffloadRuntime and the ExpertPool's host-side code (numpy standing in for cupy). Device
+and copy stream move at random points of the host's work (event queries, pool writes) and while
+the host waits for a gate's log, so copies land between the host's look at an event and its
+bookkeeping, and the device runs layers ahead of the host. Checked: no gate waits with no copy
+coming (deadlock), a gate reads only slots that hold its experts, no copy lands in a slot a
+claimed layer reads, and the host map shows what has landed.
 
 Shapes: L MoE layers, E experts, A active, S layers predicted ahead.
 """
@@ -23,7 +36,7 @@ import numpy as np
 import pytest
 
 from efengine.offload import OffloadRuntime
-from efengine.offload.cache import FREE, LOADING, READY
+from efengine.offload.cache import FREE, LOADING
 from efengine.offload.prefetch import VirtualClock
 from efengine.offload.store import NullStore
 from efengine.ops import gpu_weights
@@ -46,74 +59,131 @@ def mapped_pool(monkeypatch):
 
 
 class _Copy:
-    """One copy's event: done() once it has landed (asking may let the next copy land first)."""
+    """One copy's event."""
 
-    def __init__(self, stream: "CopyStream", nbytes: int):
-        self.stream, self.nbytes, self.seconds, self.landed = stream, nbytes, COPY_S, False
+    def __init__(self, sim: "RunAhead", nbytes: int):
+        self.sim, self.nbytes, self.seconds, self.landed = sim, nbytes, COPY_S, False
 
     def done(self) -> bool:
-        return self.stream.query(self)
+        self.sim.tick()
+        return self.landed
 
     def sync(self) -> None:
-        self.stream.land_through(self)
+        while not self.landed:
+            assert self.sim.advance(copies_only=True), "the host waits for a copy that cannot land"
 
     def wait(self) -> float:
         raise AssertionError("run-ahead decode: the compute stream never waits on a copy")
 
 
-class CopyStream:
-    """The CudaEngine as the run-ahead host sees it: FIFO copies, each followed by the publish of
-    its slot into the pool's host map; copies land when the host looks at them (query, watch)."""
+class RunAhead:
+    """Device and copy stream of the run-ahead decode; also the runtime's copy engine (submit)."""
 
-    def __init__(self, seed: int, p: float):
-        self.rng, self.p = np.random.default_rng(seed), p
+    def __init__(self, pool, seed: int, p_device: float = 0.5, p_copy: float = 0.5):
+        self.pool, self.rng = pool, np.random.default_rng(seed)
+        self.p_device, self.p_copy = p_device, p_copy
         self.clock = VirtualClock()
-        self.queue: list = []
-        self.seen: _Copy | None = None
+        self.queue: list = []                  # ("guard", layer) | ("copy", event, slot, key)
+        self.content = {}                      # slot -> (layer, e) whose bytes it holds
+        self.ids = None                        # the step's routing [L, A]; None between steps
+        self.at, self.state = 0, "done"        # gate index; arrive | wait | run | done
+        self.claim, self.reading = None, set()
+        self.logged = -1
+        self.guards = 0
 
+    # ---- the copy engine ---------------------------------------------------------------------
     def submit(self, nbytes, fn, *, slot, blob, pool, key=None, guard=None, **job) -> _Copy:
         ev = _Copy(self, nbytes)
-        self.queue.append((ev, fn, pool, key, slot))
+        if guard is not None:
+            self.queue.append(("guard", guard))
+            self.guards += 1
+        self.queue.append(("copy", ev, slot, key))
         return ev
-
-    def land_one(self) -> bool:
-        if not self.queue:
-            return False
-        ev, fn, pool, key, slot = self.queue.pop(0)
-        fn()
-        pool.host_map[key] = slot          # publish: after the bytes, on the copy stream
-        ev.landed = True
-        return True
-
-    def query(self, ev: _Copy) -> bool:
-        """The host asks whether `ev` landed; with probability p a copy it is told is in flight
-        lands at the host's next step (an event query or a pool write), with the ones before it:
-        the copy a gate waits for lands while the host polls and does its bookkeeping."""
-        self.advance(ev)
-        if not ev.landed and self.rng.random() < self.p:
-            self.seen = ev
-        return ev.landed
-
-    def advance(self, ev: _Copy | None = None) -> None:
-        seen, self.seen = self.seen, None
-        if seen is not None and seen is not ev:
-            self.land_through(seen)
-
-    def watch(self, pool) -> None:
-        """Let copies land before the host's writes into the pool map too."""
-        for name in ("assign", "unassign"):
-            inner = getattr(pool, name)
-            setattr(pool, name, lambda *a, inner=inner: (self.advance(), inner(*a))[1])
-
-    def land_through(self, ev: _Copy) -> None:
-        while not ev.landed:
-            self.land_one()
 
     def close(self) -> None:
         pass
 
+    # ---- moving ------------------------------------------------------------------------------
+    def _copy_step(self) -> bool:
+        if not self.queue:
+            return False
+        head = self.queue[0]
+        if head[0] == "guard":
+            if self.claim == head[1]:
+                return False                   # slot_guard: the victim's layer holds a claim
+            self.queue.pop(0)
+            return True
+        _, ev, slot, key = self.queue.pop(0)
+        assert not (self.claim is not None and slot in self.reading), \
+            f"a copy of {key} lands in slot {slot} while layer {self.claim}'s kernels read it"
+        self.content[slot] = key
+        self.pool.host_map[key] = slot         # publish, after the bytes
+        ev.landed = True
+        return True
 
-def check_map(rt) -> None:
+    def _device_step(self) -> bool:
+        if self.ids is None or self.state == "done":
+            return False
+        g, hm = self.at, self.pool.host_map
+        if self.state == "arrive":             # the gate logs the ids; the previous claim ends
+            self.claim, self.reading = None, set()
+            self.logged, self.state = g, "wait"
+        elif self.state == "wait":             # every slot published: claim, read them
+            keys = sorted(set(self.ids[g].tolist()))
+            slots = [int(hm[g, e]) for e in keys]
+            if min(slots) < 0:
+                return False
+            for e, s in zip(keys, slots):
+                assert self.content.get(s) == (g, e), f"layer {g}'s gate reads slot {s} for expert {e}: it holds {self.content.get(s)}"
+            self.claim, self.reading, self.state = g, set(slots), "run"
+        else:                                  # the layer's kernels ran: on to the next gate
+            self.at += 1
+            self.state = "arrive" if self.at < len(self.ids) else "done"
+            if self.state == "done":
+                self.claim, self.reading = None, set()      # step_done
+        return True
+
+    def advance(self, copies_only: bool = False) -> bool:
+        """One move of the device or the copy stream (random order); False if neither can move."""
+        order = [self._copy_step] if copies_only else \
+            ([self._device_step, self._copy_step] if self.rng.random() < 0.5 else [self._copy_step, self._device_step])
+        return any(f() for f in order)
+
+    def tick(self) -> None:
+        """The host did a bit of work: the device and the copy stream may have moved meanwhile."""
+        if self.rng.random() < self.p_device:
+            self._device_step()
+        if self.rng.random() < self.p_copy:
+            self._copy_step()
+
+    # ---- a step ------------------------------------------------------------------------------
+    def start(self, ids: np.ndarray) -> None:
+        self.ids, self.at, self.state, self.logged = ids, 0, "arrive", -1
+
+    def until_logged(self, g: int) -> None:
+        """The host spins on gate g's log row."""
+        while self.logged < g:
+            assert self.advance(), f"deadlock: gate {self.at} waits for {self.waiting()}, no copy is coming"
+
+    def finish(self) -> None:
+        """The host waits for the step (and the copies) to end."""
+        while self.state != "done" or self.queue:
+            assert self.advance(), f"deadlock: gate {self.at} waits for {self.waiting()}, no copy is coming"
+        self.ids = None
+
+    def waiting(self) -> list:
+        hm = self.pool.host_map
+        return [int(e) for e in sorted(set(self.ids[self.at].tolist())) if hm[self.at, e] < 0]
+
+
+def watch(sim: RunAhead, pool) -> None:
+    """The device and copy stream may move before each host write into the pool map too."""
+    for name in ("assign", "unassign"):
+        inner = getattr(pool, name)
+        setattr(pool, name, lambda *a, inner=inner: (sim.tick(), inner(*a))[1])
+
+
+def check_map(rt, sim: RunAhead) -> None:
     """What a gate may read: a ready expert, or a loading one whose copy landed, at its slot; a
     loading one still in flight or an absent one nowhere."""
     cache, hm, E = rt.cache, rt.pool.host_map.reshape(-1), rt.store.E
@@ -125,41 +195,33 @@ def check_map(rt) -> None:
             f"layer {f // E} expert {f % E}: host map {hm[f]}, cache {['free', 'loading', 'ready'][st]} in slot {want}"
 
 
-def gate(rt, stream: CopyStream, layer: int, ids: np.ndarray) -> None:
-    """The device at `layer`'s gate after the host served it: copies land (the host does nothing
-    more until the next gate logs) until every routed expert is published, or none is left."""
-    hm, slot_of, E = rt.pool.host_map, rt.cache.slot_of, rt.store.E
-    keys = sorted(set(ids.tolist()))
-    while any(hm[layer, e] < 0 for e in keys) and stream.land_one():
-        pass
-    for e in keys:
-        assert hm[layer, e] == slot_of[layer * E + e] >= 0, \
-            f"layer {layer}'s gate waits for expert {e}: no copy of it is coming"
-
-
-def drive(rt, stream: CopyStream, ids: np.ndarray, S: int, seed: int) -> None:
-    """RunaheadDecodeGraph's host order: per MoE layer demand(wait=False) -> end_layer(pregate=);
-    the device passes each gate before the next demand (predictions mostly right)."""
+def drive(rt, sim: RunAhead, ids: np.ndarray, S: int, seed: int, right: float = 0.7) -> None:
+    """RunaheadDecodeGraph's host order: launch, then per MoE layer wait for its log ->
+    demand(wait=False) -> end_layer(pregate=); finish (device done) -> settled. The predicted
+    logits boost what the next layers route with probability `right`, else push it down (then
+    prefetches evict what the device is about to use)."""
     n, L, _ = ids.shape
     E = rt.store.E
     rng = np.random.default_rng(seed)
     for t in range(n):
         rt.begin_step(np.zeros(1, dtype=np.int64))
+        sim.start(ids[t])
         for l in range(L):
-            stream.clock.advance(LAYER_S)
+            sim.clock.advance(LAYER_S)
+            sim.until_logged(l)
             rt.demand(l, ids[t, l][None, :], wait=False)
-            check_map(rt)
+            check_map(rt, sim)
             nxt = ids[t, l + 1:l + 1 + S]
             lg = rng.normal(size=(len(nxt), E))
             for k, row in enumerate(nxt):
-                if rng.random() < 0.7:
-                    lg[k, row] += 5.0
+                lg[k, row] += 5.0 if rng.random() < right else -5.0
             rt.end_layer(l, pregate=lg if len(nxt) else None)
-            check_map(rt)
-            gate(rt, stream, l, ids[t, l])
-        rt.settled()
+            check_map(rt, sim)
         rt.end_step()
-        check_map(rt)
+        sim.finish()
+        rt.settled()
+        rt.prefetcher.poll()
+        check_map(rt, sim)
     rt.cache.check()
 
 
@@ -172,21 +234,65 @@ def routing(n: int, L: int, E: int, A: int, seed: int) -> np.ndarray:
                      for _ in range(n)]).astype(np.int32)
 
 
+def run(mapped_pool, policy: str, frac: float, seed: int, n_tokens: int = 80, p_device: float = 0.5,
+        right: float = 0.7):
+    L, E, A = 12, 16, 2
+    n = max(3 * A, int(frac * L * E))
+    pool = mapped_pool(n, L, E)
+    sim = RunAhead(pool, seed, p_device=p_device)
+    rt = OffloadRuntime(None, "numpy", policy=policy, slots=n, store=NullStore(L, E, A, BLOB),
+                        pool=pool, engine=sim, keep_log=False)
+    watch(sim, pool)
+    drive(rt, sim, routing(n_tokens, L, E, A, seed), S=2 if policy == "expertflow" else 1, seed=seed, right=right)
+    return rt, sim
+
+
 @pytest.mark.parametrize("frac", [0.08, 0.15, 0.25])
 @pytest.mark.parametrize("seed", range(3))
-def test_expertflow_run_ahead_never_unpublishes_a_landed_copy(mapped_pool, frac, seed):
-    """Each of these cases failed before ExpertPool.unassign forgot the evicted expert: a prefetch
-    Y evicted X, X was copied again elsewhere and published, then the host finished Y and its
-    assign cleared X's entry (X still named the slot in the pool's stale owner / where)."""
-    L, E, A = 12, 16, 2
-    stream = CopyStream(seed, p=0.7)
-    n = max(3 * A, int(frac * L * E))
-    rt = OffloadRuntime(None, "numpy", policy="expertflow", slots=n, store=NullStore(L, E, A, BLOB),
-                        pool=mapped_pool(n, L, E), engine=stream, keep_log=False)
-    stream.watch(rt.pool)
-    drive(rt, stream, routing(80, L, E, A, seed), S=2, seed=seed)
+def test_expertflow_run_ahead_protocol(mapped_pool, frac, seed):
+    rt, sim = run(mapped_pool, "expertflow", frac, seed)
     s = rt.summary()
     assert s["prefetch_issued"] > 0 and s["prefetch_wasted"] > 0 and s["misses"] > 0
+    assert sim.guards > 0
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "pregate"])
+def test_other_policies_run_ahead_protocol(mapped_pool, policy):
+    rt, _ = run(mapped_pool, policy, 0.15, 5)
+    assert rt.summary()["misses"] > 0
+
+
+def test_a_demand_copy_waits_while_its_victims_layer_is_claimed(mapped_pool):
+    """Layers 0, 1, 2 route a, V, Z, all resident: the device passes all three gates and runs
+    layer 2 (claimed) before the host is done with layer 0. A prefetch for layer 1 evicts V (LRU);
+    the host's demand of layer 1 copies V again and evicts Z, which layer 2's kernels read: that
+    copy must wait behind a guard until the claim ends (the step's end here)."""
+    a, V, Z, W = 0, 1, 2, 3
+    pool = mapped_pool(3, 3, 4)
+    sim = RunAhead(pool, 0, p_device=0.0, p_copy=0.0)
+    rt = OffloadRuntime(None, "numpy", policy="ondemand", slots=3, store=NullStore(3, 4, 1, BLOB),
+                        pool=pool, engine=sim, keep_log=False)
+    ids = np.array([[a], [V], [Z]])
+    drive(rt, sim, ids[None], S=1, seed=0)                 # step 0: a, V, Z loaded
+    rt.begin_step(np.zeros(1, dtype=np.int64))
+    sim.start(ids)
+    while sim.claim != 2:
+        assert sim._device_step()
+    rt.demand(0, ids[0][None], wait=False)
+    rt.end_layer(0)
+    assert rt.prefetcher.load(1, W, prefetch=True)           # evicts V: layer 1 is done
+    assert rt.cache.state[1 * 4 + V] == FREE
+    while sim.queue:
+        assert sim._copy_step()
+    slot_z = int(rt.cache.slot_of[2 * 4 + Z])
+    rt.demand(1, ids[1][None], wait=False)                   # V again: evicts Z (LRU)
+    assert rt.cache.state[2 * 4 + Z] == FREE and rt.cache.slot_of[1 * 4 + V] == slot_z
+    assert sim.queue[0] == ("guard", 2) and not sim._copy_step()    # held while layer 2 runs
+    rt.end_layer(1)
+    sim.finish()                                             # step_done ends the claim
+    assert sim.content[slot_z] == (1, V)
+    rt.settled()
+    rt.end_step()
 
 
 def test_a_slots_next_holder_landing_keeps_the_old_holders_new_slot(mapped_pool):

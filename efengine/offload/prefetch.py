@@ -190,6 +190,9 @@ class Prefetcher:
         self.inflight: dict[int, tuple[object, bool]] = {}      # flat id -> (event, is prefetch)
         self.requests: dict[int, tuple[int, float]] = {}        # flat id -> (deadline, score)
         self.timing: list = []                                  # landed or waited, not yet timed
+        # run-ahead decode: the MoE layer whose gate the device has reached in this step (it may be
+        # further ahead); None while no gate runs. Set by the runtime's demand(wait=False).
+        self.device_at: int | None = None
 
     # ---- loads -------------------------------------------------------------------------------------
     def load(self, i: int, e: int, *, prefetch: bool = False, protect: np.ndarray | None = None) -> bool:
@@ -205,9 +208,14 @@ class Prefetcher:
                 self.stats.prefetch_wasted += 1
         blob = self.store.blob(i, e)
         nbytes = self.store.blob_nbytes
-        # a demand load's victim cannot be in use (run-ahead: the device waits at this layer's
-        # gate); a prefetch's may be, by a layer the device reached before the host did
-        guard = self.store.layers[evicted // self.cache.E] if prefetch and evicted >= 0 else None
+        # run-ahead decode: a victim of a layer past the one whose gate the device has reached may
+        # be in use, the device being further ahead (a gate whose experts are resident passes at
+        # once). A prefetch's, plainly; a demand load's too: a prefetch may evict an expert after
+        # its gate passed, and the host's demand of that layer copies it again, evicting one of a
+        # layer further ahead. Earlier layers' claims have ended, the reached layer's own experts
+        # are pinned. Engines without a run-ahead pool ignore the guard.
+        at, ev_i = self.device_at, evicted // self.cache.E
+        guard = self.store.layers[ev_i] if evicted >= 0 and at is not None and ev_i > at else None
         ev = self.engine.submit(nbytes, lambda: self.pool.put(slot, blob) if blob is not None else None,
                                 slot=slot, blob=blob, pool=self.pool, key=(self.store.layers[i], e), guard=guard)
         self.cache.set_event(i, e, ev)

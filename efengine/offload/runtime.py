@@ -140,6 +140,7 @@ class OffloadRuntime(ExpertProvider):
             self.policy.predictor.begin_step()
         self._t_prev = None
         self._late_predicted = 0
+        self.prefetcher.device_at = None         # no gate runs before the step's first demand
         self._step_marks = (self.stats.prefetch_wasted, self.stats.prefetch_used)
         if self.T > 1 and self.policy.prefetch == "horizon":
             self._plan_prompt()
@@ -208,6 +209,8 @@ class OffloadRuntime(ExpertProvider):
         keys = _keys(ids)
         self.first_issue_t = None
         self.settled()           # this layer's gate logged: the device is past the previous one
+        if not wait:
+            pf.device_at = i     # ... and at this one (or further: evictions ahead are guarded)
         if pf.inflight:
             pf.poll()
         state = cache.state
@@ -238,10 +241,12 @@ class OffloadRuntime(ExpertProvider):
         """Run-ahead decode: the device has passed the gate of the layer demand(wait=False) served
         last (the next layer's gate logged, or the step finished), so its experts may be evicted.
         Until then end_layer keeps them pinned: the gate reads every slot again after the misses
-        land, and an expert a prefetch evicted meanwhile would be waited for with no copy coming."""
+        land, and an expert a prefetch evicted meanwhile would be waited for with no copy coming.
+        Clears prefetcher.device_at (the next demand(wait=False) sets it again)."""
         if self._gated is not None:
             self.cache.unpin(*self._gated)
             self._gated = None
+        self.prefetcher.device_at = None
 
     def _issue(self, i: int, experts: list) -> list:
         """Start the demand copies of `experts`; returns those that found no slot."""

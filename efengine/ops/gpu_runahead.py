@@ -16,13 +16,16 @@ Here the host leaves the loop unless a copy is needed:
 So a layer whose experts are resident runs at once; a layer that misses waits on the device for
 exactly its copies, which the host issues as soon as it sees the routing.
 
-Evictions without fences: a demand load's victim is never in use (the host serves a layer's
-misses while the device waits at that layer's gate; earlier layers are done, later ones not
-started, the layer's own experts pinned). A prefetch may evict an expert of a layer the device
-has reached before the host did: its entry is cleared at once and the copy waits on the copy
-stream behind `slot_guard` while that layer's gate holds a claim (kernels/offload.cu explains the
-claim). So every policy runs here; pre-gate predictions computed on the device (predict_ahead)
-reach the host through the same log row as the ids.
+Evictions without fences: the device may be layers ahead of the host (a gate whose experts are
+resident passes at once), so any victim may be an expert of a layer the device has reached: a
+prefetch's, and a demand load's too (a prefetch evicted an expert after its gate had passed, and
+the host's demand of that layer copies it again). The victim's entry is cleared at once (and the
+pool forgets it: a later assign of the slot must not clear the entry again, which by then may
+name the expert's new slot, published by its copy before the host polled it), and the copy waits
+on the copy stream behind `slot_guard` while the victim's layer holds a claim (kernels/offload.cu
+explains the claim). So every policy runs here; pre-gate predictions computed on the device
+(predict_ahead) reach the host through the same log row as the ids.
+tests/test_offload_runahead_map.py simulates this protocol (device, copy stream, guards) on the CPU.
 
 Trace replay: route_hook is asked for every MoE layer's ids / weights before the step; they go to
 the device as the step's plan and the gates substitute them for the router's (the router still

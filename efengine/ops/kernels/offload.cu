@@ -24,7 +24,8 @@
 // A poll that outlasts `timeout_ns` sets *err and gives up (the host raises): a host that died
 // mid-step must not leave the GPU spinning forever.
 //
-// Why the claim makes prefetch evictions safe: the host clears a victim's entry, then queues
+// Why the claim makes evictions safe (the device may be layers ahead of the host, so a victim may
+// belong to a layer it has reached): the host clears a victim's entry, then queues
 // `slot_guard` before the copy into its slot; the guard waits while progress names the victim's
 // layer as claimed. A slot value the gate used was read after its claim was visible and before
 // the host's -1 was, so the guard (which runs after the -1) sees the claim, or a later gate's
@@ -105,7 +106,7 @@ extern "C" __global__ void step_done(volatile int* progress) {
     *progress = -1;
 }
 
-// Queued on the copy stream before a prefetch into a slot whose previous expert belongs to model
+// Queued on the copy stream before a copy into a slot whose previous expert belongs to model
 // layer `layer`: waits while that layer holds a claim (see the top of this file).
 extern "C" __global__ void slot_guard(const volatile int* progress, int layer, int* err, long long timeout_ns) {
     const unsigned long long t0 = now_ns();
