@@ -224,9 +224,16 @@ class Model:
         out = self.backend.linear(o.reshape(o.shape[0], -1), w["attn_output"])
         return out if w["attn_output.bias"] is None else out + w["attn_output.bias"]
 
+    def _mm_input(self, x):
+        """x prepared once for the several matrices that read it (backend.mm_input, where the
+        backend has one: the CuPy backend's fp16 rows of a prefill); pass it to linears only."""
+        prep = getattr(self.backend, "mm_input", None)
+        return x if prep is None else prep(x)
+
     def _qkv_gqa(self, w: dict, x, cos, sin):
         cfg, b, T = self.cfg, self.backend, x.shape[0]
-        q, k, v = (b.linear(x, w[n]) for n in ("attn_q", "attn_k", "attn_v"))
+        xm = self._mm_input(x)
+        q, k, v = (b.linear(xm, w[n]) for n in ("attn_q", "attn_k", "attn_v"))
         if cfg.qkv_bias:
             q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
         if cfg.qk_norm == "full":    # OLMoE: over the whole projection, before the head split
@@ -241,12 +248,13 @@ class Model:
     def _qkv_mla(self, w: dict, x, cos, sin):
         cfg, b, xp, T = self.cfg, self.backend, self.xp, x.shape[0]
         H, dn, dr, dv, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        xm = self._mm_input(x)
         if cfg.q_lora_rank:
-            q = b.linear(b.rms_norm(b.linear(x, w["attn_q_a"]), w["attn_q_a_norm"], MLA_NORM_EPS), w["attn_q_b"])
+            q = b.linear(b.rms_norm(b.linear(xm, w["attn_q_a"]), w["attn_q_a_norm"], MLA_NORM_EPS), w["attn_q_b"])
         else:
-            q = b.linear(x, w["attn_q"])
+            q = b.linear(xm, w["attn_q"])
         q = q.reshape(T, H, dn + dr)
-        kv_a = b.linear(x, w["attn_kv_a_mqa"])                                # [T, c + dr]
+        kv_a = b.linear(xm, w["attn_kv_a_mqa"])                               # [T, c + dr]
         latent = b.rms_norm(kv_a[:, :c], w["attn_kv_a_norm"], MLA_NORM_EPS)   # [T, c]
         k_pe = b.rope(kv_a[:, None, c:], cos, sin, True)                      # [T, 1, dr], shared by heads
         q_pe = b.rope(q[:, :, dn:], cos, sin, True)
@@ -257,7 +265,7 @@ class Model:
 
     # ---- feed-forward -------------------------------------------------------------------------
     def _ffn(self, w: dict, x, suffix: str):
-        b = self.backend
+        b, x = self.backend, self._mm_input(x)
         g, u = b.linear(x, w["ffn_gate" + suffix]), b.linear(x, w["ffn_up" + suffix])
         return b.linear(b.silu_mul(g, u), w["ffn_down" + suffix])
 
@@ -265,14 +273,15 @@ class Model:
         """Routed experts (grouped by expert id, each into its own (token, rank) slots) + shared."""
         cfg, b, xp = self.cfg, self.backend, self.xp
         T, A, D = x.shape[0], cfg.top_k, x.shape[1]
-        logits = b.linear(x, w["ffn_gate_inp"])
+        xm = self._mm_input(x)          # router, shared expert and grouped experts read it
+        logits = b.linear(xm, w["ffn_gate_inp"])
         ids, weights = b.route(logits, cfg)
         if self.route_hook is not None:
             ids, weights = self.route_hook(l, logits, ids, weights)
         grouped = T >= getattr(b, "MOE_PREFILL_MIN_T", T + 1)
-        y = self._moe_on_device(l, x, ids) if grouped else None
+        y = self._moe_on_device(l, xm, ids) if grouped else None
         if y is not None:
-            return self._moe_out(w, x, y.reshape(T, A, D), weights)
+            return self._moe_out(w, xm, y.reshape(T, A, D), weights)
         ids_h = np.asarray(b.to_host(ids), dtype=np.int32)                 # [T, A]
         flat = ids_h.reshape(-1)
         order = np.argsort(flat, kind="stable")                            # slots sorted by expert id
@@ -295,11 +304,12 @@ class Model:
         self.experts.end_layer(l)
         if len(done) != len(bounds):
             raise EfError(f"expert provider did not provide experts {sorted(set(bounds) - done)} of layer {l}")
-        return self._moe_out(w, x, y.reshape(T, A, D), weights)
+        return self._moe_out(w, xm, y.reshape(T, A, D), weights)
 
     def _moe_on_device(self, l: int, x, ids):
-        """A prefill whose experts are all resident, grouped on the device (backend.moe_prefill_device):
-        y [T*A, D], or None where the backend or the provider cannot (then the host groups them)."""
+        """A prefill whose experts are all resident, grouped on the device (backend.moe_prefill_device,
+        x as _mm_input made it): y [T*A, D], or None where the backend or the provider cannot (then
+        the host groups them)."""
         run = getattr(self.backend, "moe_prefill_device", None)
         ask = getattr(self.experts, "layer_handles", None)
         handles = ask(l) if run is not None and ask is not None else None
@@ -309,7 +319,8 @@ class Model:
         return y
 
     def _moe_out(self, w: dict, x, y, weights):
-        """Routed outputs y [T, A, D] combined in rank order, plus the shared experts."""
+        """Routed outputs y [T, A, D] combined in rank order, plus the shared experts (x: the
+        layer's input or its _mm_input; only linears read it)."""
         cfg, b = self.cfg, self.backend
         out = b.moe_combine(y, weights)
         if cfg.n_shared_experts:

@@ -5,7 +5,10 @@ dq / dv head dims, S keys, E experts, A active experts, I expert width.
 
 Matrices stay in their stored type on the device (GpuWeight); the kernels dequantize on the fly:
 - T <= SMALL_T tokens: GEMV kernels (q4 / q8 / f16 / bf16 / f32 weights, fp32 accumulation);
-- larger T (prefill): weights widened to fp16 on the fly, then cuBLAS (fp32 accumulation).
+- larger T (prefill): weights widened to fp16 on the fly (f16 ones read in place), then cuBLAS
+  (fp32 accumulation) on fp16 rows of x (gpu_dense_prefill.py). mm_input(x) prepares those rows
+  once for every linear that reads x (and moe_prefill_device): Model passes it where one input
+  feeds several matrices. RMSNorm and the weighted sum of the routed experts are one launch each.
 Routed experts run through the MoE kernels (gate+up+SiLU fused, then down) for small T; a
 prefill (T >= MOE_PREFILL_MIN_T) runs all experts of a layer in two grouped tensor-core launches
 that dequantize in shared memory (moe_prefill, gpu_prefill.py), or per expert through fp16
@@ -28,6 +31,7 @@ from . import act_int8
 from . import gpu_ops as ops
 from . import gpu_prefill
 from . import gpu_attn_prefill
+from . import gpu_dense_prefill as dense
 from .gpu_kernels import cupy
 from .gpu_weights import ExpertHandle, ExpertLayout, GpuWeight, make_weight, upload_blob
 
@@ -46,7 +50,7 @@ class CupyBackend:
 
     def __init__(self, act: str = "f16"):
         self._layouts: dict[int, ExpertLayout] = {}
-        self._wtabs: dict[tuple, tuple] = {}     # expert base addresses -> moe_prefill_device tables
+        self._wtabs: dict[tuple, tuple] = {}     # expert base addresses -> (moe_prefill_device tables, layout)
         self.act = act_int8.check_act(act)
 
     # ---- transfers and weights --------------------------------------------------------------
@@ -83,18 +87,41 @@ class CupyBackend:
 
     # ---- dense ops -----------------------------------------------------------------------------
     def linear(self, x, W):
+        """x [..., K] (or mm_input's Rows16 of x [T, K]) @ W.T."""
+        rows = x if isinstance(x, dense.Rows16) else None
+        if rows is not None:
+            x = rows.x
         if not isinstance(W, GpuWeight):
             return cupy.matmul(x, W.T)
-        x = cupy.ascontiguousarray(x, dtype=cupy.float32)
         if x.shape[-1] != W.K:
             raise FormatError(f"linear: x has {x.shape[-1]} inputs, the weight {W.K}")
+        if rows is not None:
+            return self._gemm(rows, W)
+        x = cupy.ascontiguousarray(x, dtype=cupy.float32)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, W.K)
         if x2.shape[0] <= SMALL_T:
             y = ops.linear_small(x2, W, self.act)
         else:
-            y = ops.matmul_f16(x2, W.f16())
+            y = self._gemm(dense.rows16(x2), W)
         return y.reshape(*lead, W.N)
+
+    def mm_input(self, x):
+        """x [T, K] prepared once for every linear (and moe_prefill_device) that reads it: fp16 rows
+        (gpu_dense_prefill.Rows16) for a prefill step, x itself for up to SMALL_T tokens (the GEMV
+        kernels read float rows). Only linears and moe_prefill_device take the result."""
+        if isinstance(x, dense.Rows16):
+            return x
+        x = cupy.ascontiguousarray(x, dtype=cupy.float32)
+        return dense.rows16(x) if x.ndim == 2 and x.shape[0] > SMALL_T else x
+
+    @staticmethod
+    def _gemm(rows, W: GpuWeight):
+        """Prefill product rows.x @ W.T through cuBLAS: f16 weights in place, others widened first."""
+        if W.qtype == "f16":
+            return dense.gemm(rows, W.ptr("q"), W.N, W.K)
+        w16 = W.f16()
+        return dense.gemm(rows, w16.data.ptr, W.N, W.K)
 
     def embed(self, ids, W):
         ids = cupy.ascontiguousarray(cupy.asarray(ids).reshape(-1), dtype=cupy.int32)
@@ -104,6 +131,8 @@ class CupyBackend:
 
     def rms_norm(self, x, w, eps: float):
         D = x.shape[-1]
+        if x.ndim > 1 and x.shape[0] > SMALL_T:  # a prefill: one block a row, few host calls
+            return dense.rms_norm(x, w, eps)
         x2 = cupy.ascontiguousarray(x, dtype=cupy.float32).reshape(-1, D)
         out = cupy.empty_like(x2)
         ops.rows_prep(x2, D, nw=cupy.ascontiguousarray(w, dtype=cupy.float32), eps=eps, x32=out)
@@ -181,22 +210,22 @@ class CupyBackend:
 
     def moe_prefill_device(self, x, ids, handles: dict):
         """moe_prefill with ids [T, A] on the device and handles = every expert of the layer (all
-        resident): no host round trip. None if the grouped kernels do not take these experts."""
+        resident): no host round trip. x [T, D] or mm_input's Rows16 of it. None if the grouped
+        kernels do not take these experts. Tables and layout checks are made once per expert set."""
         key = tuple(handles[e].base for e in sorted(handles))
-        tables = self._wtabs.get(key)
-        if tables is None:
+        ent = self._wtabs.get(key)
+        if ent is None or ent[1].parts["gate"].shape[1] != x.shape[1]:
             if not gpu_prefill.grouped_ok(handles):
                 return None
             if len(self._wtabs) > 4096:          # address tables of replaced pools
                 self._wtabs.clear()
-            tables = self._wtabs[key] = gpu_prefill.weight_tables({e: handles[e] for e in sorted(handles)})
-        return gpu_prefill.moe_prefill_device(x, ids, handles, tables)
+            hs = {e: handles[e] for e in sorted(handles)}
+            tables = gpu_prefill.weight_tables(hs)
+            ent = self._wtabs[key] = (tables, gpu_prefill.checked_layout(hs, x.shape[1]))
+        return gpu_prefill.moe_prefill_device(x, ids, handles, ent[0], checked=ent[1])
 
     def moe_combine(self, y, weights):
-        acc = y[:, 0] * weights[:, 0, None]
-        for a in range(1, y.shape[1]):
-            acc = acc + y[:, a] * weights[:, a, None]
-        return acc
+        return dense.moe_combine(y, weights)
 
 
 def _f32_blob(w: dict):

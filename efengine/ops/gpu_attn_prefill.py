@@ -1,43 +1,45 @@
-"""Causal attention of a prefill step through batched fp32 GEMMs (cuBLAS through cupy.matmul) and
-one fused mask + softmax kernel (kernels/attn_prefill.cu).
+"""Causal attention of a prefill step through strided batched fp32 GEMMs (cuBLAS, called directly
+on the k / v views: no copies of the cache) and one fused mask + softmax kernel (kernels/attn_prefill.cu).
 
 Legend: T tokens of the step, H query heads, G kv heads, R = H / G query heads a kv head (GQA),
 dq / dv query-key / value head dims, S keys (cached positions 0 .. S-1; the model passes
-S = pos0 + T), Tb tokens of a query block [t0, t1), M = R * Tb score rows a group in a block,
+S = pos0 + T), Tb tokens of a query block [t0, t1), M = R * Tb score rows a kv head in a block,
 Sb = min(S, pos0 + t1) keys the block's queries can see.
 
 attention_prefill(q [T, H, dq], k [S, G, dq], v [S, G, dv], pos0, scale) -> out [T, H, dv] float32,
 the same causal softmax attention as NumpyBackend.attention (query t at absolute position
-pos0 + t sees keys 0 .. pos0 + t; query head h reads kv head h // R). Once a call:
-  kT [G, dq, S], vg [G, S, dv]: k and v regrouped by kv head (two small copies);
-then for each block of Tb query tokens (Tb keeps G * M * S fp32 scores under score_bytes):
-  1. qb [G, M, dq]: row tl * R + r of group g = q[t0 + tl, g * R + r] (a copy; the R heads of a
-     group share k and v, so one GEMM a group covers all R * Tb of its query rows);
-  2. scores [G, M, Sb] = qb @ kT[:, :, :Sb]   (cuBLAS sgemm, batched over G);
-  3. attn_softmax_*: in place, row-wise: x = s * scale, keys after the row's position masked
+pos0 + t sees keys 0 .. pos0 + t; query head h reads kv head h // R). For each block of Tb query
+tokens (Tb keeps H * Tb * S fp32 scores under score_bytes), with Q_g the [M, dq] query rows of kv
+head g, row tl * R + r = query t0 + tl of head g * R + r:
+  1. scores [G, M, Sb]: scores[g] = Q_g @ k[:Sb, g].T, one GEMM batched over g (k read in place).
+     R = 1 (MHA, MLA): Q_g is q[t0:t1, g] in place; R > 1: Q_g is a copy qb [G, Tb, R, dq] (the
+     R heads of a token are adjacent in q, but a token's rows are H heads apart, so no single
+     leading dimension spans them);
+  2. attn_softmax_*: in place, row-wise: x = s * scale, keys after the row's position masked
      (exactly 0), max, exp, sum, divide: one launch;
-  4. ob [G, M, dv] = p @ vg[:, :Sb], scattered into out[t0:t1] viewed as [Tb, G, R, dv].
-Keys past pos0 + t1 are cut from a block (step 2's Sb): no later block's query needs fewer keys, so
-with several blocks the causal triangle's empty corner is partly skipped.
+  3. O_g = scores[g] @ v[:Sb, g] (v in place), written straight into out[t0:t1] for R = 1, else
+     into ob [G, Tb, R, dv] and copied into out.
+Keys past pos0 + t1 are cut from a block (Sb): no later block's query needs fewer keys, so with
+several blocks the causal triangle's empty corner is partly skipped.
 
-Numerics: fp32 operands, fp32 accumulation, the numpy reference's operation order (scale after
-the dot product, max subtracted, division by the sum); only summation orders differ. CuPy's batched
-matmul runs cuBLAS with fp32 compute (TF32 only if asked for, e.g. CUPY_TF32=1 on some CuPy
-versions; the tests' bound would then fail).
+Numerics: fp32 operands, fp32 accumulation (CUBLAS_COMPUTE_32F: no TF32), the numpy reference's
+operation order (scale after the dot product, max subtracted, division by the sum); only
+summation orders differ.
 
-Cost (H100, Mixtral's heads, T = 512, pos0 = 0; GPU time): 174 us a call: the two GEMMs 57 + 51
-us (~40 TFLOP/s of fp32 FMA), softmax 24 us (64 MiB in and out, ~2.7 TB/s), the q / k / v / out
-regrouping copies ~36 us. The host spends ~200-300 us of CuPy calls on it (that machine's CPU),
-hidden while the GPU has earlier work queued; `python -m efengine.ops.gpu_attn_prefill` (on a
-GPU) times both paths back to back (JSON lines).
+Cost (H100, T = 512, pos0 = 0, GPU time a layer): Mixtral's heads (R = 4) 174 us when k and v
+were regrouped by copies too (the two GEMMs 57 + 51 us, softmax 24 us, copies ~36 us); Qwen1.5-
+MoE's (R = 1) 113 -> 80 us without any copy. The host spends ~50 us in each cuBLAS call there;
+`python -m efengine.ops.gpu_attn_prefill` (on a GPU) times this path against the fused decode
+kernel (JSON lines).
 
 Why not always: for short steps (decode) the fused kernel of gpu_ops.attention reads k and v once
-and launches once, while this path makes copies, three launches a block and a score buffer; see
-MIN_T.
+and launches once, while this path launches three or more kernels a block and needs a score
+buffer; see MIN_T.
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
+from . import gpu_dense_prefill as dense
 from . import gpu_kernels
 from .gpu_kernels import cdiv, cupy, f32, i32, i64, launch
 
@@ -102,8 +104,9 @@ def _check(q, k, v, pos0: int) -> None:
 def attention_prefill(q, k, v, pos0: int, scale: float, *, score_bytes: int = SCORE_BYTES):
     """Causal GQA / MLA attention of T query tokens at positions pos0 .. pos0+T-1 over S keys.
 
-    q [T, H, dq], k [S, G, dq], v [S, G, dv]: float32 device arrays (any strides). pos0: host int.
-    score_bytes bounds the fp32 score buffer of one query block. Returns out [T, H, dv] float32.
+    q [T, H, dq], k [S, G, dq], v [S, G, dv]: float32 device arrays (k and v are read in place
+    where their last axis is contiguous; q too when R = 1). pos0: host int. score_bytes bounds the
+    fp32 score buffer of one query block. Returns out [T, H, dv] float32.
     """
     pos0 = int(pos0)
     _check(q, k, v, pos0)
@@ -113,21 +116,54 @@ def attention_prefill(q, k, v, pos0: int, scale: float, *, score_bytes: int = SC
     out = cupy.empty((T, H, dv), dtype=cupy.float32)
     if T == 0:
         return out
-    kT = cupy.ascontiguousarray(k.transpose(1, 2, 0))           # [G, dq, S]
-    vg = cupy.ascontiguousarray(v.transpose(1, 0, 2))           # [G, S, dv]
+    q, k, v = (a if _gemm_view_ok(a) else cupy.ascontiguousarray(a) for a in (q, k, v))
     plan = blocks(T, H, S, pos0, score_bytes)
-    tb = plan[0][1]
-    buf = cupy.empty(G * R * tb * plan[-1][2], dtype=cupy.float32)   # the largest block's scores
-    out4 = out.reshape(T, G, R, dv)
+    buf = cupy.empty(H * plan[0][1] * plan[-1][2], dtype=cupy.float32)    # the largest block's scores
     for t0, t1, sb in plan:
         n = t1 - t0
-        qb = cupy.ascontiguousarray(q[t0:t1].reshape(n, G, R, dq).transpose(1, 0, 2, 3)).reshape(G, R * n, dq)
-        scores = buf[:G * R * n * sb].reshape(G, R * n, sb)
-        cupy.matmul(qb, kT if sb == S else kT[:, :, :sb], out=scores)
+        scores = buf[:H * n * sb].reshape(G, R * n, sb)
+        if R == 1:          # head h is kv head h: q and out are matrices in place, rows H heads apart
+            _scores((q.data.ptr + 4 * t0 * _el(q, 0), _el(q, 0), _el(q, 1)), k, scores)
+            masked_softmax_(scores, 1, pos0 + t0, scale)
+            _mix(scores, v, (out.data.ptr + 4 * t0 * H * dv, H * dv, dv))
+            continue
+        # the R heads of a kv head as R * n rows (tl * R + r) of one matrix: regrouped by a copy
+        qb = cupy.ascontiguousarray(q[t0:t1].reshape(n, G, R, dq).transpose(1, 0, 2, 3))   # [G, n, R, dq]
+        _scores((qb.data.ptr, dq, R * n * dq), k, scores)
         masked_softmax_(scores, R, pos0 + t0, scale)
-        ob = cupy.matmul(scores, vg if sb == S else vg[:, :sb])         # [G, R*n, dv]
-        out4[t0:t1] = ob.reshape(G, n, R, dv).transpose(1, 0, 2, 3)
+        ob = cupy.empty((G, n, R, dv), dtype=cupy.float32)
+        _mix(scores, v, (ob.data.ptr, dv, R * n * dv))
+        out.reshape(T, G, R, dv)[t0:t1] = ob.transpose(1, 0, 2, 3)
     return out
+
+
+def _gemm_view_ok(a) -> bool:
+    """Whether cuBLAS can read a [rows, heads, d] float32 view in place: each head's rows a matrix
+    with contiguous rows of d at a leading dimension >= d (a broadcast or reversed view is copied)."""
+    return a.strides[2] == 4 and a.strides[1] >= 0 and a.strides[0] >= 4 * a.shape[2]
+
+
+def _el(a, axis: int) -> int:
+    return a.strides[axis] // 4
+
+
+def _scores(qm: tuple, k, scores) -> None:
+    """scores[g] [M, Sb] = Q_g @ k[:Sb, g].T for the G kv heads, one strided batched GEMM; qm =
+    (address, leading dimension, batch stride) in floats of the query rows Q_g [M, dq]. cuBLAS is
+    column-major: scores[g] is [Sb, M] = k_g (a [dq, Sb] view, transposed) Q_g (a [dq, M] view)."""
+    G, M, sb = scores.shape
+    dq = k.shape[2]
+    dense.gemm_strided(dense.OP_T, dense.OP_N, sb, M, dq, k.data.ptr, _el(k, 0), _el(k, 1),
+                       qm[0], qm[1], qm[2], scores.data.ptr, sb, M * sb, G)
+
+
+def _mix(p, v, om: tuple) -> None:
+    """O_g [M, dv] = p[g] @ v[:Sb, g] for the G kv heads, om = (address, leading dimension, batch
+    stride) in floats of O_g: column-major O_g [dv, M] = v_g (a [dv, Sb] view) p_g (a [Sb, M] view)."""
+    G, M, sb = p.shape
+    dv = v.shape[2]
+    dense.gemm_strided(dense.OP_N, dense.OP_N, dv, M, sb, v.data.ptr, _el(v, 0), _el(v, 1),
+                       p.data.ptr, sb, M * sb, om[0], om[1], om[2], G)
 
 
 def _time(f, reps: int) -> tuple[float, float]:

@@ -9,7 +9,8 @@ row t*A + a is expert ids[t, a] applied to x[t] (unweighted: Model._moe combines
   1. pairs grouped by expert: on the host (stable argsort; one small upload of the tables), or, in
      moe_prefill_device (ids on the device, every expert of the layer resident), by one small
      kernel (mg_plan), so a resident prefill never waits for the host between layers;
-  2. x -> fp16 rows scaled by powers of two (gpu_ops.to_f16_rows), gathered by the kernel;
+  2. x -> fp16 rows scaled by powers of two (gpu_dense_prefill.rows16; a caller may pass them
+     made already), gathered by the kernel;
   3. mg_gateup: h [P, I] = silu(gate x) * up x in sorted pair order (float32);
   4. h -> fp16 rows (to_f16_rows again: h's range is not known before it exists);
   5. mg_down: y[slot of pair p] = down h[p]; every element written once, no atomics.
@@ -25,7 +26,8 @@ import numpy as np
 
 from .. import quant
 from ..errors import ConfigError
-from . import gpu_kernels, gpu_ops
+from . import gpu_kernels
+from .gpu_dense_prefill import Rows16, rows16
 from .gpu_kernels import cdiv, cupy, i32, launch, ptr
 from .gpu_weights import ExpertHandle, ExpertLayout, PartPlace
 
@@ -84,14 +86,10 @@ def _gsh(p: PartPlace) -> int:
 
 
 def _rows16(x):
-    """x [T, K] f32 -> (fp16 rows [T, K8] with K8 = K rounded up to 8, zero padded; 1/scale [T])."""
-    T, K = x.shape
-    K8 = cdiv(K, 8) * 8
-    if K8 != K:
-        xp = cupy.zeros((T, K8), dtype=cupy.float32)
-        xp[:, :K] = x
-        x = xp
-    return gpu_ops.to_f16_rows(x)
+    """x [T, K] f32 (or its Rows16) -> (fp16 rows [T, K8] with K8 = K rounded up to 8, zero padded;
+    1/scale [T]), gpu_dense_prefill.rows16."""
+    r = x if isinstance(x, Rows16) else rows16(x)
+    return r.x16, r.inv
 
 
 def _wtab(handles: dict, experts, parts: tuple) -> np.ndarray:
@@ -129,18 +127,19 @@ def moe_prefill(x, ids: np.ndarray, handles: dict, marks: list | None = None, bm
 
 
 def moe_prefill_device(x, ids, handles: dict, tables: tuple | None = None, marks: list | None = None,
-                       bm: int | None = None):
+                       bm: int | None = None, checked: ExpertLayout | None = None):
     """moe_prefill with the routing on the device: ids [T, A] int32 device array, handles = every
     expert of the layer {0..E-1: ExpertHandle} (all resident), so nothing is read back to the host
-    and the host can queue the following work at once. tables = weight_tables(handles), made once
-    by a caller that reuses them. Same products as moe_prefill, row by row."""
+    and the host can queue the following work at once. x [T, D] f32 or its Rows16 (gpu_dense_prefill).
+    tables = weight_tables(handles) and checked = checked_layout(handles, D), made once by a caller
+    that reuses them (checked skips the per-call checks of handles). Same products as moe_prefill,
+    row by row."""
     T, D = x.shape
     A = ids.shape[1]
     E = len(handles)
-    if ids.shape[0] != T or sorted(handles) != list(range(E)):
-        raise ConfigError(f"moe_prefill_device: ids {ids.shape} for {T} tokens, or handles not 0..E-1")
-    handles = {e: handles[e] for e in range(E)}
-    lay = _layout(handles, D)
+    if ids.shape[0] != T:
+        raise ConfigError(f"moe_prefill_device: ids {ids.shape} for {T} tokens")
+    lay = checked if checked is not None else checked_layout(handles, D)
     P = T * A
     bm = tile_rows(P, E) if bm is None else bm
     n_max = cdiv(P, bm) + E                    # each expert adds at most one partial tile
@@ -148,9 +147,17 @@ def moe_prefill_device(x, ids, handles: dict, tables: tuple | None = None, marks
     ids = cupy.ascontiguousarray(cupy.asarray(ids, dtype=cupy.int32))
     launch(MODULE, "mg_plan", (1,), (1024,), (ids, i32(P), i32(A), i32(E), i32(bm), tabs[:P], tabs[P:2 * P],
                                               tabs[2 * P:], i32(n_max)), shared=8 * E)
-    wgu, wdn = tables if tables is not None else weight_tables(handles)
+    wgu, wdn = tables if tables is not None else weight_tables({e: handles[e] for e in range(E)})
     _mark(marks)
     return _gemms(x, tabs[:P], tabs[P:2 * P], tabs[2 * P:], n_max, bm, wgu, wdn, lay, marks)
+
+
+def checked_layout(handles: dict, D: int) -> ExpertLayout:
+    """The layout of handles = every expert of a layer {0..E-1: ExpertHandle}, after checking that
+    moe_prefill_device's kernels take them on rows of D (ConfigError otherwise)."""
+    if sorted(handles) != list(range(len(handles))):
+        raise ConfigError("moe_prefill_device: handles must be experts 0..E-1")
+    return _layout(handles, D)
 
 
 def _layout(handles: dict, D: int) -> ExpertLayout:
@@ -177,7 +184,6 @@ def _gemms(x, arow, slots, tl, n_tiles: int, bm: int, wgu, wdn, lay: ExpertLayou
     sfx = {BM: "", BM_BIG: "_m128"}[bm]
     g, d = lay.parts["gate"], lay.parts["down"]
     I, D, P = g.shape[0], g.shape[1], slots.shape[0]
-    x = cupy.ascontiguousarray(x, dtype=cupy.float32)
     x16, xinv = _rows16(x)
     ldh = cdiv(I, 8) * 8
     h = cupy.empty((P, ldh), dtype=cupy.float32)
