@@ -23,6 +23,7 @@ from gpu_check import HAVE_GPU, cp
 from gpu_helpers import assert_replay_matches_eager, forward_following_ties, random_pool, rows_prep_case  # noqa: E402
 from test_gpu_model import cfg_of  # noqa: E402
 from quant_helpers import stored  # noqa: E402
+from test_int8act import BOUNDARY_RATE, BOUNDARY_TIGHT, sync_cache  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")]
 
@@ -222,16 +223,38 @@ def _rel(a, b) -> float:
     return quant.rel_rms(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
+def _boundary_hits_allowed(n: int, rate: float = BOUNDARY_RATE, p_fail: float = 1e-4) -> int:
+    """The most tokens of n that may miss BOUNDARY_TIGHT: the smallest m with C(n, m+1) rate^(m+1)
+    < p_fail, a bound on the chance that more than m of n tokens hit a code boundary (each with
+    probability <= rate, independently: every token starts from the GPU's own state)."""
+    m = 0
+    while math.comb(n, m + 1) * rate ** (m + 1) >= p_fail:
+        m += 1
+    return m
+
+
 @pytest.mark.parametrize("case", [("mixtral", "q4", "q8"), ("qwen", "q8", "q4")])
 def test_decode_int8_matches_numpy_int8(case):
     """Model.forward (GEMV and MoE kernels) and DecodeGraph with int8 activations against
-    NumpyBackend(act="int8"), decoding token by token. The GPU must be the int8 function (much closer
-    to the int8 twin than to the float model); it is not bit-exact there: fp32 sums in another order
-    can move an activation across a rounding boundary of its int8 code now and then (one code step,
-    ~2e-3 of a product's output) and a few such steps can meet in one token, hence 1e-2 for the
-    worst token (seen: 5.3e-3). What shows that the GPU computes the int8 function is the mean: at
-    most a fifth of the mean distance to the float model (seen: 1e-7 .. 0.035 of it). Greedy tokens
-    agree unless the twin's top two are within 5e-3 of each other."""
+    NumpyBackend(act="int8"), decoding token by token, each token from the same state: before every
+    step the references' KV caches are set to the GPU's (test_int8act.sync_cache).
+
+    The int8 function is not continuous. Where a value lies within the GPU's rounding difference of
+    a code boundary (x/d within ~1e-5 of k + 1/2) the codes differ by one step; the token's next
+    preps then see inputs ~1e-3 apart, which flips more codes, and its logits end at the scale of
+    the quantization noise itself. Seed 47357760 (qwen): one h code of a layer-0 expert, x/d =
+    -78.50002 with h one ulp apart, gave 6.4e-3 against 1.2e-2 to the float model; the twin against
+    itself rounded otherwise (test_int8act._OtherRounding) on the weights of seeds 47357760 and
+    12345: 46 such tokens of 4800, up to 1.3x their float distance, two at 0.08 and 0.1. Without
+    the state sync the token's KV entries carried the difference into every later token (that seed:
+    6e-3 .. 1.2e-2 on all 12, the failure this replaces).
+    So tokens are counted, not bounded: a token whose codes all agree is within BOUNDARY_TIGHT
+    (1e-5; seen <= 3e-7: fp32 sums in another order), and at most _boundary_hits_allowed(12) = 3
+    of 12 may miss it. A token's chance of a hit is the sum over its codes (~1700 qwen, ~1300
+    mixtral) of their GPU-twin distance in code steps: ~0.009 and ~0.006 in traces of this model;
+    at the design rate 0.02, more than 3 of 12 has probability < 1e-4. A wrong function (a missing bias, float activations, a wrong prep) misses on every
+    token. The float model, synced too, must lie far outside BOUNDARY_TIGHT (the bound tells the
+    two apart). The graph's greedy token is the argmax of its own logits."""
     from efengine.model import Model
     from efengine.ops.gpu_decode import DecodeGraph
     from efengine.ops.gpu_synth import DeviceRandomSource
@@ -249,30 +272,37 @@ def test_decode_int8_matches_numpy_int8(case):
     p8, pg, switched = forward_following_ties(r8, gm, toks.tolist() * 2, r8.new_cache(16), gm.new_cache(16))
     print(f"prefill: the reference took the GPU's experts across near ties at (layer, token) {switched}")
     assert _rel(p8, pg) < 2e-2
+
     e8, e16 = [], []
+
+    def refs(tok: int, got, pos: int) -> None:
+        """Both references on tok at pos from the GPU's state (its positions before pos) against got."""
+        for c in (c8, c16):
+            sync_cache(c, cg, pos, cp.asnumpy)
+        e8.append(_rel(r8.forward([tok], c8)[-1], got))
+        e16.append(_rel(r16.forward([tok], c16)[-1], got))
+
     for t in toks:                                       # the GEMV path of Model.forward, T = 1
-        a, b, g = r8.forward([t], c8), r16.forward([t], c16), gm.forward([t], cg)
-        e8.append(_rel(a, g))
-        e16.append(_rel(b, g))
-    g = DecodeGraph(gm, pool, cg)
-    assert g.act == "int8" and g.prepD.act == "int8"
-    tok = int(np.argmax(a[-1]))
-    assert_replay_matches_eager(g, tok, cg.pos)
+        pos = cg.pos
+        g = gm.forward([t], cg)[-1]
+        refs(int(t), g, pos)
+    dg = DecodeGraph(gm, pool, cg)
+    assert dg.act == "int8" and dg.prepD.act == "int8"
+    tok = int(np.argmax(g))
+    assert_replay_matches_eager(dg, tok, cg.pos)
     for step in range(6):
         if step:
-            g.replay(1)
-            g.stream.synchronize()
-        ref = r8.forward([tok], c8)[-1]
-        got = cp.asnumpy(g.logits)[0]
-        e8.append(_rel(ref, got))
-        e16.append(_rel(r16.forward([tok], c16)[-1], got))
+            dg.replay(1)
+            dg.stream.synchronize()
+        got = cp.asnumpy(dg.logits)[0]
+        refs(tok, got, cg.pos)
         cg.pos += 1
-        tok = int(g.tok.get()[0])
-        top2 = np.sort(ref)[-2:]
-        if top2[1] - top2[0] < 5e-3 * np.abs(ref).max():
-            break                                        # a near tie: the sequences may part here
-        assert tok == int(np.argmax(ref)), step
-    print(f"rel RMS of the GPU's logits: to numpy int8 max {max(e8):.2e} mean {np.mean(e8):.2e}; "
-          f"to numpy float mean {np.mean(e16):.2e}")
-    assert max(e8) < 1e-2 and np.mean(e8) < 0.2 * np.mean(e16)
+        tok = int(dg.tok.get()[0])
+        assert tok == int(np.argmax(got)), step
+    e8, e16 = np.array(e8), np.array(e16)
+    hits = int((e8 > BOUNDARY_TIGHT).sum())
+    print(f"rel RMS of the GPU's logits to numpy int8: {' '.join(f'{e:.1e}' for e in e8)}; "
+          f"{hits} above {BOUNDARY_TIGHT:g}; to numpy float min {e16.min():.1e} mean {e16.mean():.1e}")
+    assert hits <= _boundary_hits_allowed(e8.size)
+    assert e16.min() > 100 * BOUNDARY_TIGHT
     pool.check()

@@ -13,7 +13,7 @@ import pytest
 
 from efengine import quant
 from efengine.ops import act_int8
-from efengine.ops.numpy_backend import NumpyBackend, QuantMatrix
+from efengine.ops.numpy_backend import NumpyBackend, QuantMatrix, _small_int8
 from quant_helpers import stored  # noqa: E402
 
 U = 2.0 ** -24
@@ -180,3 +180,74 @@ def test_tiny_model_int8_close_to_f16(tiny_ef):
     print(f"int8 vs f16 logits over {len(kls)} decode steps: KL mean {np.mean(kls):.2e} max {max(kls):.2e}, "
           f"max |diff| / max |logit| {max(diffs):.2e}, greedy agreement {same}/{len(kls)}")
     assert 0 < max(diffs) < 0.05 and max(kls) < 1e-2 and same >= len(kls) - 1
+
+
+# ---- code boundaries: why whole-model comparisons count tokens (test_gpu_int8act) ------------------
+
+class _OtherRounding(NumpyBackend):
+    """The same int8 function rounded differently: products and norms in float64, rounded once to
+    float32. Its results differ from the twin's by float32 roundings, as the GPU's (fp32 sums in
+    another order) do."""
+
+    def _mm(self, x, w):
+        return np.matmul(x.astype(np.float64), w.T.astype(np.float64)).astype(np.float32)
+
+    def linear(self, x, W):
+        return self._mm(_small_int8(x, True), W.w) if isinstance(W, QuantMatrix) else self._mm(x, W)
+
+    def rms_norm(self, x, w, eps):
+        x64 = x.astype(np.float64)
+        return (w * (x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps))).astype(np.float32)
+
+    def expert_ffn(self, x, h):
+        x = _small_int8(x, h.int8[0])
+        hid = self.silu_mul(self._mm(x, h.gate), self._mm(x, h.up))
+        return self._mm(_small_int8(hid, h.int8[1]), h.down)
+
+
+def sync_cache(cache, src, n: int, to_host=np.asarray) -> None:
+    """cache := the first n positions of src (another model's KV cache): the next step starts from
+    src's state."""
+    for l in range(len(cache.k)):
+        cache.k[l][:n] = to_host(src.k[l][:n])
+        cache.v[l][:n] = to_host(src.v[l][:n])
+    cache.pos = n
+
+
+BOUNDARY_TIGHT = 1e-5       # test_gpu_int8act: logits of a token whose int8 codes all agree
+BOUNDARY_RATE = 0.02        # test_gpu_int8act: design rate of tokens with a code boundary hit
+
+
+def test_int8_code_boundary_hits_are_rare_and_whole(tiny_ef):
+    """The premises of test_gpu_int8act's whole-model check, on the CPU: the twin against itself
+    rounded differently (_OtherRounding), token by token from the same state (KV cache synced).
+    Where every int8 code agrees, the logits differ by roundings only: far below BOUNDARY_TIGHT.
+    Where a value sits within the rounding difference of a code boundary (x/d within ~1e-5 of
+    k + 1/2) the codes differ by one step there; that moves the next preps' inputs by ~1e-3 and flips
+    more codes (a fraction ~ 1e-3 * |x/d| of them), so such a token ends at the scale of the
+    quantization noise itself (its distance to the twin ~ its distance to the float model): no
+    tolerance separates it from a wrong result. Such tokens are counted instead: their rate is
+    about sum over a token's codes of |x_a/d_a - x_b/d_b| (the chance that a boundary lies between
+    the two values), ~0.009 on the GPU's test model (1728 codes a token, ~5e-6 code steps apart)."""
+    from efengine.format import EfFile
+    from efengine.model import Model
+    ef = EfFile(tiny_ef("qwen2_moe", experts="q8", dense="q4", group=32))
+    mo, m8, m16 = Model(ef, _OtherRounding(act="int8")), Model(ef, NumpyBackend(act="int8")), Model(ef, NumpyBackend())
+    rng = np.random.default_rng(11)
+    e8, e16 = [], []
+    for _ in range(10):
+        co, c8, c16 = mo.new_cache(40), m8.new_cache(40), m16.new_cache(40)
+        for p in range(40):
+            tok = int(rng.integers(ef.config.vocab_size))
+            sync_cache(c8, co, p)
+            sync_cache(c16, co, p)
+            g = mo.forward([tok], co)
+            e8.append(quant.rel_rms(m8.forward([tok], c8), g))
+            e16.append(quant.rel_rms(m16.forward([tok], c16), g))
+    e8, e16 = np.array(e8), np.array(e16)
+    hit = e8 > BOUNDARY_TIGHT
+    print(f"{e8.size} tokens: {hit.sum()} boundary hits; others max {e8[~hit].max():.1e}; float model "
+          f"min {e16.min():.1e}; hits' e8 / e16 {np.round(e8[hit] / e16[hit], 2).tolist()}")
+    assert e8[~hit].max() < 0.1 * BOUNDARY_TIGHT
+    assert hit.mean() <= BOUNDARY_RATE
+    assert e16.min() > 100 * BOUNDARY_TIGHT      # the float model is far outside BOUNDARY_TIGHT
