@@ -103,8 +103,9 @@ def test_generate_matches_step_by_step():
     assert toks == one
 
 
+@pytest.mark.parametrize("act", ["f16", "int8"])
 @pytest.mark.parametrize("case", CASES)
-def test_dependent_launches_same_bits(case):
+def test_dependent_launches_same_bits(case, act):
     """The decode graph with programmatic dependent launches (each kernel scheduled while the one
     before it runs, and waiting for it in grid_dep) gives the plain graph's logits bit for bit."""
     from efengine.model import Model
@@ -123,7 +124,7 @@ def test_dependent_launches_same_bits(case):
     for pdl in (False, True):
         c = m.new_cache(48)
         m.forward([5, 9, 2, 7], c)
-        g = DecodeGraph(m, pool, c, pdl=pdl)
+        g = DecodeGraph(m, pool, c, act=act, pdl=pdl)
         toks = g.generate(11, 24)
         out[pdl] = toks, cp.asnumpy(g.logits)
     assert out[True][0] == out[False][0]
