@@ -96,24 +96,30 @@ class _LaunchConfig(ctypes.Structure):           # CUlaunchConfig
 _C_ARG = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64,
           np.dtype(np.uint32): ctypes.c_uint32, np.dtype(np.uint64): ctypes.c_uint64,
           np.dtype(np.float32): ctypes.c_float}
-_LAUNCH_EX: list = [None]
+_DRIVER: dict = {}
 
 
-def _launch_ex():
-    """cuLaunchKernelEx from the driver library, or False where there is none."""
-    fn = _LAUNCH_EX[0]
+def driver_function(names: tuple, argtypes: list):
+    """The first of `names` the CUDA driver library (libcuda.so.1, ctypes) has, typed to return a
+    CUresult; None where the library or every name is missing. Looked up once per names."""
+    fn = _DRIVER.get(names)
     if fn is None:
         fn = False
         try:
             lib = ctypes.CDLL("libcuda.so.1")
-            if hasattr(lib, "cuLaunchKernelEx"):
-                fn = lib.cuLaunchKernelEx
-                fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-                fn.restype = ctypes.c_int
+            name = next((n for n in names if hasattr(lib, n)), None)
+            if name is not None:
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = argtypes, ctypes.c_int
         except OSError:
             pass
-        _LAUNCH_EX[0] = fn
-    return fn
+        _DRIVER[names] = fn
+    return fn or None
+
+
+def _launch_ex():
+    return driver_function(("cuLaunchKernelEx",),
+                           [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])
 
 
 def pdl_supported() -> bool:

@@ -16,7 +16,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .act_int8 import check_act
-from .gpu_kernels import ACT, ACT_SUFFIX, addr, cdiv, cupy, f32, i32, i64, launch, ptr, resident_blocks, u64
+from .gpu_kernels import (ACT, ACT_SUFFIX, addr, cdiv, cupy, driver_function, f32, i32, i64, launch, ptr,
+                          resident_blocks, u64)
 from .gpu_weights import GpuWeight, PartPlace
 
 GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
@@ -477,24 +478,13 @@ def publish(dst: int, value: int, stream) -> None:
         launch("offload", "publish", (1,), (1,), (u64(dst), i32(value)))
 
 
-_WRITE_VALUE: list = [None]
+_WRITE_VALUE: list = [True]               # False once the driver refused a stream write
 
 
 def _write_value():
     """cuStreamWriteValue32 from the driver library (ctypes), or None."""
-    fn = _WRITE_VALUE[0]
-    if fn is None:
-        import ctypes
-        fn = False
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-            for name in ("cuStreamWriteValue32_v2", "cuStreamWriteValue32"):
-                if hasattr(lib, name):
-                    fn = getattr(lib, name)
-                    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-                    fn.restype = ctypes.c_int
-                    break
-        except OSError:
-            pass
-        _WRITE_VALUE[0] = fn
-    return fn or None
+    if not _WRITE_VALUE[0]:
+        return None
+    import ctypes
+    return driver_function(("cuStreamWriteValue32_v2", "cuStreamWriteValue32"),
+                           [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint])
