@@ -252,8 +252,8 @@ def test_decode_int8_matches_numpy_int8(case):
     (1e-5; seen <= 3e-7: fp32 sums in another order), and at most _boundary_hits_allowed(12) = 3
     of 12 may miss it. A token's chance of a hit is the sum over its codes (~1700 qwen, ~1300
     mixtral) of their GPU-twin distance in code steps: ~0.009 and ~0.006 in traces of this model;
-    at the design rate 0.02, more than 3 of 12 has probability < 1e-4. A wrong function (a missing bias, float activations, a wrong prep) misses on every
-    token. The float model, synced too, must lie far outside BOUNDARY_TIGHT (the bound tells the
+    at the design rate 0.02, more than 3 of 12 has probability < 1e-4. A wrong function (a missing
+    bias, float activations, a wrong prep) misses on every token. The float model, synced too, must lie far outside BOUNDARY_TIGHT (the bound tells the
     two apart). The graph's greedy token is the argmax of its own logits."""
     from efengine.model import Model
     from efengine.ops.gpu_decode import DecodeGraph

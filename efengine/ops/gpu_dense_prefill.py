@@ -46,16 +46,12 @@ POINTER_HOST = 0
 _ONE = np.ones(1, dtype=np.float32)         # alpha / beta in host memory (kept alive here)
 _ZERO = np.zeros(1, dtype=np.float32)
 _P_ONE, _P_ZERO = _ONE.ctypes.data, _ZERO.ctypes.data
-_kernels: dict[tuple[str, str], object] = {}
 
 
 def _launch(module: str, name: str, grid: tuple, block: tuple, args: tuple) -> None:
     """A small kernel (no dynamic shared memory) launched straight through CuPy: gpu_kernels.launch's
     checks and conversions cost a few us of host time a call, and a prefill layer makes ~25 of these."""
-    k = _kernels.get((module, name))
-    if k is None:
-        k = _kernels[(module, name)] = gpu_kernels.kernel(module, name)
-    k(grid, block, args)
+    gpu_kernels.kernel(module, name)(grid, block, args)
 
 
 def _handle() -> int:
