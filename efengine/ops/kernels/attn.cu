@@ -268,6 +268,202 @@ ATT_INST(attention_q4_d64, 4, 64)
 ATT_INST(attention_q1_d128, 1, 128)
 ATT_INST(attention_q4_d128, 4, 128)
 
+// ---- decode attention: one cluster of ATD_NS blocks a kv group ------------------------------------
+// For a step of NR <= ATD_NR query rows a group (decode: T R, R = H / G) and dq = dv = HD. Grid
+// (1, G, ATD_NS), clusters along z: block s takes keys [s chunk, (s + 1) chunk) of the kmax visible
+// ones (chunk = ceil(kmax / ATD_NS)), ATD_TK keys a shared tile, all of a tile's loads in flight at
+// once (one memory latency a tile). Per tile: scores of every (key, row) pair (8 warps, K read once
+// for a lane's row, no cross-lane reduction), the rows' online softmax (warp r: row r), then
+// P V with a thread a value dim. The blocks' partial (max, sum, acc) of row r are stored into the
+// shared memory of block r % ATD_NS (distributed shared memory), one cluster barrier, and that block
+// merges them in block order and writes the row (and its xprep). No workspace, counter or fence in
+// global memory; the result depends on kmax only (not on the launch's S).
+#define ATD_NS 8
+#define ATD_TK 64
+#define ATD_NR 8
+#define ATD_THREADS 256
+
+template <int HD>
+__device__ __forceinline__ int atd_smem_floats() {
+    return ATD_TK * (HD + 4) + ATD_TK * HD + ATD_NR * (HD + 4) + ATD_NR * ATD_TK + ATD_NR + ATD_NS * (HD + 2);
+}
+
+template <int HD, int NR>
+__device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k,
+        const float* v, float* out, int T, int H, int G, int S, const int* pos0p, float scale,
+        u16* oxh, float* oxs, float* oxc, int OKX, int oact) {
+#if HAVE_CLUSTERS
+    extern __shared__ float4 sm4[];
+    float* sm = (float*)sm4;
+    constexpr int KS = HD + 4;                   // Ks / Qs row stride: 16-byte rows, conflict-free
+    constexpr int KW = 32 / NR;                  // keys a warp a pass
+    constexpr int RS = ATD_THREADS / HD;         // rows of P V a pass (a thread: value dim tid % HD)
+    constexpr int RPT = (NR + RS - 1) / RS;      // rows a thread
+    constexpr int NLD = ATD_TK * HD * 2 / 4 / ATD_THREADS;   // float4 loads a thread a tile
+    float* Ks = sm;                              // [TK][KS]
+    float* Vs = Ks + ATD_TK * KS;                // [TK][HD]
+    float* Qs = Vs + ATD_TK * HD;                // [NR][KS]
+    float* Ps = Qs + ATD_NR * KS;                // [NR][TK] scores, then probabilities
+    float* Al = Ps + ATD_NR * ATD_TK;            // [NR] this tile's rescale of the running acc
+    float* Mm = Al + ATD_NR;                     // [NS] partial maxima of the row this block merges
+    float* Ml = Mm + ATD_NS;                     // [NS] partial sums
+    float* Ma = Ml + ATD_NS;                     // [NS][HD] partial accumulators
+    cluster_arrive_relaxed();
+    const int R = H / G, g = blockIdx.y, rank = (int)cluster_rank();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nrows = T * R;
+    {   // K / V of the block's keys do not depend on the previous kernel (but the newest row does, and
+        // pos0 may not be final yet): pull its lines into L2 before waiting, hints only
+        const int p0 = min(max(*(volatile const int*)pos0p, 0), S), c0 = (p0 + T + ATD_NS - 1) / ATD_NS;
+        const int b0 = min(rank * c0, S), e0 = min(b0 + c0, S);
+        constexpr int LN = HD / 32;               // 128-byte lines of a key's row
+        for (int u = threadIdx.x; u < (e0 - b0) * 2 * LN; u += ATD_THREADS) {
+            const int key = b0 + u / (2 * LN), w = u % (2 * LN);
+            prefetch_line((w < LN ? k : v) + ((i64)key * G + g) * HD + 32 * (w % LN));
+        }
+    }
+    grid_dep();
+    const int pos0 = *pos0p;
+    for (int u = threadIdx.x; u < ATD_NR * HD / 4; u += ATD_THREADS) {
+        const int r = u / (HD / 4), i = u % (HD / 4);
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < nrows) x = __ldg((const float4*)(q + (i64)(r / R) * ldq_t + (i64)(g * R + r % R) * ldq_h) + i);
+        *(float4*)(Qs + r * KS + 4 * i) = x;
+    }
+    const int kmax = pos0 + (nrows - 1) / R + 1;
+    const int chunk = (kmax + ATD_NS - 1) / ATD_NS;
+    const int kbeg = min(rank * chunk, kmax), kend = min(kbeg + chunk, kmax);
+    float m_run = -INFINITY, l_run = 0.0f;       // row `warp`'s (warps < NR), lane-uniform
+    float acc[RPT];
+#pragma unroll
+    for (int j = 0; j < RPT; ++j) acc[j] = 0.0f;
+    const int dcol = threadIdx.x % HD, rg = threadIdx.x / HD;
+    for (int kt = kbeg; kt < kend; kt += ATD_TK) {
+        const int nk = min(ATD_TK, kend - kt);   // keys of this tile (short contexts: fewer than a tile)
+        float4 r[NLD];
+#pragma unroll
+        for (int i = 0; i < NLD; ++i) {
+            const int u = threadIdx.x + i * ATD_THREADS;          // u < TK HD / 4: K, else V
+            const bool isk = u < ATD_TK * HD / 4;
+            const int uu = isk ? u : u - ATD_TK * HD / 4, key = kt + uu / (HD / 4);
+            r[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (key < kend) r[i] = __ldg((const float4*)((isk ? k : v) + ((i64)key * G + g) * HD) + uu % (HD / 4));
+        }
+        __syncthreads();                          // the previous tile's readers are done
+#pragma unroll
+        for (int i = 0; i < NLD; ++i) {
+            const int u = threadIdx.x + i * ATD_THREADS;
+            const bool isk = u < ATD_TK * HD / 4;
+            const int uu = isk ? u : u - ATD_TK * HD / 4;
+            if (isk) *(float4*)(Ks + (uu / (HD / 4)) * KS + 4 * (uu % (HD / 4))) = r[i];
+            else ((float4*)Vs)[uu] = r[i];
+        }
+        __syncthreads();
+        // scores: lane = (key kk, row rr), row fastest
+        for (int kk0 = warp * KW; kk0 < nk; kk0 += (ATD_THREADS / 32) * KW) {
+            const int rr = lane % NR, kk = kk0 + lane / NR, key = kt + kk;
+            const float* qr = Qs + rr * KS;
+            const float* kr = Ks + kk * KS;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma unroll
+            for (int i = 0; i < HD; i += 4) {
+                const float4 a = *(const float4*)(qr + i), b = *(const float4*)(kr + i);
+                s0 += a.x * b.x; s1 += a.y * b.y; s2 += a.z * b.z; s3 += a.w * b.w;
+            }
+            float sc = ((s0 + s1) + (s2 + s3)) * scale;
+            if (rr >= nrows || key >= kend || key > pos0 + rr / R) sc = -INFINITY;
+            Ps[rr * ATD_TK + kk] = sc;
+        }
+        __syncthreads();
+        if (warp < NR) {                          // online softmax of row `warp` over this tile (all TK written)
+            float x[ATD_TK / 32];
+#pragma unroll
+            for (int i = 0; i < ATD_TK / 32; ++i) x[i] = lane + 32 * i < nk ? Ps[warp * ATD_TK + lane + 32 * i] : -INFINITY;
+            float mx = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < ATD_TK / 32; ++i) mx = fmaxf(mx, x[i]);
+            const float mnew = fmaxf(m_run, warp_max(mx));
+            float alpha = 1.0f, ps = 0.0f;
+            if (mnew != -INFINITY) {
+                alpha = expf(m_run - mnew);
+#pragma unroll
+                for (int i = 0; i < ATD_TK / 32; ++i) {
+                    x[i] = expf(x[i] - mnew);
+                    ps += x[i];
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < ATD_TK / 32; ++i) x[i] = 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < ATD_TK / 32; ++i) Ps[warp * ATD_TK + lane + 32 * i] = x[i];
+            l_run = l_run * alpha + warp_sum(ps);
+            m_run = mnew;
+            if (lane == 0) Al[warp] = alpha;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < RPT; ++j) {
+            const int row = rg + j * RS;
+            if (row < NR) {
+                const float* pr = Ps + row * ATD_TK;
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;     // four chains: latency, not one
+#pragma unroll 4
+                for (int kk = 0; kk < nk; kk += 4) {       // p = 0 and V = 0 past nk
+                    const float4 p = *(const float4*)(pr + kk);
+                    a0 += p.x * Vs[kk * HD + dcol];
+                    a1 += p.y * Vs[(kk + 1) * HD + dcol];
+                    a2 += p.z * Vs[(kk + 2) * HD + dcol];
+                    a3 += p.w * Vs[(kk + 3) * HD + dcol];
+                }
+                acc[j] = acc[j] * Al[row] + ((a0 + a1) + (a2 + a3));
+            }
+        }
+    }
+    // hand row r's partial to block r % NS (a block merges at most one row: NR <= NS)
+    cluster_wait();
+#pragma unroll
+    for (int j = 0; j < RPT; ++j) {
+        const int row = rg + j * RS;
+        if (row < nrows) st_cluster(Ma + rank * HD + dcol, row % ATD_NS, acc[j]);
+    }
+    if (warp < nrows && lane == 0) {
+        st_cluster(Mm + rank, warp % ATD_NS, m_run);
+        st_cluster(Ml + rank, warp % ATD_NS, l_run);
+    }
+    cluster_sync();
+    if (rank >= nrows || (int)threadIdx.x >= HD) return;
+    const int row = rank, t = row / R, h = g * R + row % R;
+    // every block's (max, sum); a block with no visible key has m = -inf, l = 0, acc = 0: f = 0
+    float M = -INFINITY;
+#pragma unroll
+    for (int b = 0; b < ATD_NS; ++b) M = fmaxf(M, Mm[b]);
+    float L = 0.0f, o = 0.0f;
+#pragma unroll
+    for (int b = 0; b < ATD_NS; ++b) {
+        const float mb = Mm[b];
+        const float f = mb == -INFINITY ? 0.0f : expf(mb - M);
+        L += Ml[b] * f;
+        o += Ma[b * HD + dcol] * f;
+    }
+    o = o / L;
+    out[((i64)t * H + h) * HD + dcol] = o;
+    if (oxh == nullptr) return;
+    const int ncx = OKX >> 5, ch = (h * HD) / 32 + (dcol >> 5);
+    if (oact == ACT_I8) prep_chunk_i8(o, (u8*)(oxh + (i64)t * OKX), ch, ncx, oxs + (i64)t * ncx + ch, oxc + (i64)t * ncx + ch);
+    else prep_chunk(o, oxh + (i64)t * OKX, ch, ncx, oxs + (i64)t * ncx + ch, oxc + (i64)t * ncx + ch);
+#endif
+}
+
+#define ATD_ARGS const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out, int T, int H, \
+    int G, int S, const int* pos0p, float scale, u16* oxh, float* oxs, float* oxc, int OKX, int oact
+#define ATD_INST(NAME, HD, NR) \
+    extern "C" __global__ void __launch_bounds__(ATD_THREADS) CLUSTER_DIMS(1, 1, ATD_NS) NAME(ATD_ARGS) { \
+        attention_decode_body<HD, NR>(q, ldq_t, ldq_h, k, v, out, T, H, G, S, pos0p, scale, oxh, oxs, oxc, OKX, oact); }
+ATD_INST(attention_dec_d64_r4, 64, 4)
+ATD_INST(attention_dec_d64_r8, 64, 8)
+ATD_INST(attention_dec_d128_r4, 128, 4)
+ATD_INST(attention_dec_d128_r8, 128, 8)
+
 // (a, b) -> (a cos - b sin, b cos + a sin) with numpy's roundings (no fused multiply-add)
 __device__ __forceinline__ void rot(float a, float b, float c, float s, float* ra, float* rb) {
     *ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));

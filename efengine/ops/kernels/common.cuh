@@ -205,3 +205,48 @@ __device__ __forceinline__ void prep_chunk_act(int act, float v, u16* xh_row, in
     if (act == ACT_I8) prep_chunk_i8(v, (u8*)xh_row, c, ncx, xs_c, xc_c);
     else prep_chunk(v, xh_row, c, ncx, xs_c, xc_c);
 }
+
+// ---- thread block clusters (sm_90+): the blocks of a cluster hand partial results to one another
+// through distributed shared memory and a cluster barrier, no global workspace, counter or fence.
+// A kernel declared with CLUSTER_DIMS has a fixed cluster shape; before sm_90 the macro is empty
+// and such kernels take a one-block fallback (see the router and decode attention).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define HAVE_CLUSTERS 1
+#define CLUSTER_DIMS(x, y, z) __cluster_dims__(x, y, z)
+#else
+#define HAVE_CLUSTERS 0
+#define CLUSTER_DIMS(x, y, z)
+#endif
+
+#if HAVE_CLUSTERS
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// Split barrier over every thread of the cluster: arrive (relaxed) early, wait before the first
+// access to another block's shared memory (a block's shared memory is only valid once it runs).
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;" ::: "memory"); }
+// full barrier: shared-memory writes before it (local or remote) are visible to every block after it
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// *p of block `rank` of the cluster (p: this block's address of the same shared variable) = v
+__device__ __forceinline__ void st_cluster(const float* p, u32 rank, float v) {
+    u64 g;
+    u32 a, r;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(g) : "l"(p));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"((u32)g), "r"(rank));
+    a = r;
+    asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(a), "f"(v) : "memory");
+}
+#endif
+
+// hints: fetch the 128-byte line of p / the lines of [p, p + n) (warp-cooperative) into L2
+__device__ __forceinline__ void prefetch_line(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
+__device__ __forceinline__ void prefetch_l2(const void* p, i64 n) {
+    const int lane = threadIdx.x & 31;
+    const u64 b = (u64)p & ~127ull, e = (u64)p + (u64)n;
+    for (u64 a = b + 128ull * lane; a < e; a += 128ull * 32) prefetch_line((const void*)a);
+}

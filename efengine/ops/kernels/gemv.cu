@@ -233,13 +233,15 @@ GEMV_ALL_T_I8(q8, WT_Q8, 2, 4, 4, 0, 0)
 
 // One warp routes one token (the numpy reference's route, step for step): softmax over E,
 // optional DeepSeek group mask, top-A by probability (ties: lower id), weights (ones |
-// renormalized | raw) times scaling. ids / wts get A values in rank order.
-__device__ void route_warp(const float* logits, int E, int A, int method, int n_group, int topk_group,
-                           int norm, int ones, float scaling, int* ids, float* wts) {
+// renormalized | raw) times scaling. ids / wts get A values in rank order. PL experts a lane
+// (E <= 32 PL): the scans are serial chains of PL steps, so few experts take a short variant.
+template <int PL>
+__device__ void route_warp_pl(const float* logits, int E, int A, int method, int n_group, int topk_group,
+                              int norm, int ones, float scaling, int* ids, float* wts) {
     const int lane = threadIdx.x & 31;
-    float p[ROUTE_PER_LANE];
+    float p[PL];
 #pragma unroll
-    for (int i = 0; i < ROUTE_PER_LANE; ++i) p[i] = lane + 32 * i < E ? logits[lane + 32 * i] : -INFINITY;
+    for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? logits[lane + 32 * i] : -INFINITY;
     warp_softmax(p);
     if (method == 1) {                       // group_limited_greedy; n_group <= 32
         const int gs = E / n_group;
@@ -247,7 +249,7 @@ __device__ void route_warp(const float* logits, int E, int A, int method, int n_
         for (int g = 0; g < n_group; ++g) {
             float gm = -INFINITY;
 #pragma unroll
-            for (int i = 0; i < ROUTE_PER_LANE; ++i) {
+            for (int i = 0; i < PL; ++i) {
                 const int e = lane + 32 * i;
                 if (e < E && e / gs == g) gm = fmaxf(gm, p[i]);
             }
@@ -268,7 +270,7 @@ __device__ void route_warp(const float* logits, int E, int A, int method, int n_
             keep |= 1u << bi;
         }
 #pragma unroll
-        for (int i = 0; i < ROUTE_PER_LANE; ++i) {
+        for (int i = 0; i < PL; ++i) {
             const int e = lane + 32 * i;
             if (e < E && !((keep >> (e / gs)) & 1u)) p[i] = 0.0f;
         }
@@ -279,7 +281,7 @@ __device__ void route_warp(const float* logits, int E, int A, int method, int n_
         float bv = -INFINITY;
         int bi = 0x7fffffff;
 #pragma unroll
-        for (int i = 0; i < ROUTE_PER_LANE; ++i) {
+        for (int i = 0; i < PL; ++i) {
             const int e = lane + 32 * i;
             if (e < E && p[i] > bv) { bv = p[i]; bi = e; }
         }
@@ -290,7 +292,7 @@ __device__ void route_warp(const float* logits, int E, int A, int method, int n_
             if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
         }
 #pragma unroll
-        for (int i = 0; i < ROUTE_PER_LANE; ++i)
+        for (int i = 0; i < PL; ++i)
             if (lane + 32 * i == bi) p[i] = -INFINITY;
         if (lane == a) { my_id = bi; my_w = bv; }
     }
@@ -318,6 +320,13 @@ __device__ void route_warp(const float* logits, int E, int A, int method, int n_
     if (scaling != 1.0f) w = w * scaling;
     if (lane < A) { ids[lane] = my_id; wts[lane] = w; }
 }
+__device__ __forceinline__ void route_warp(const float* logits, int E, int A, int method, int n_group,
+                                           int topk_group, int norm, int ones, float scaling, int* ids, float* wts) {
+    if (E <= 32) route_warp_pl<1>(logits, E, A, method, n_group, topk_group, norm, ones, scaling, ids, wts);
+    else if (E <= 64) route_warp_pl<2>(logits, E, A, method, n_group, topk_group, norm, ones, scaling, ids, wts);
+    else if (E <= 128) route_warp_pl<4>(logits, E, A, method, n_group, topk_group, norm, ones, scaling, ids, wts);
+    else route_warp_pl<ROUTE_PER_LANE>(logits, E, A, method, n_group, topk_group, norm, ones, scaling, ids, wts);
+}
 
 // logits [T, E] -> ids, wts [T, A]; one warp a token
 extern "C" __global__ void route_kernel(const float* logits, int T, int E, int A, int method, int n_group,
@@ -328,9 +337,19 @@ extern "C" __global__ void route_kernel(const float* logits, int T, int E, int A
 }
 
 // The router of an MoE layer for token t = blockIdx.x: E logits (+ the optional one-row
-// shared-expert gate `xq`), then warp 0 routes. logits_out [T, E] and extra_out [T] may be null.
-// One block of 32 warps; a row is split into S slices of K when there are fewer rows than warps,
-// so many loads are in flight even for 8 experts; slices are summed in a fixed order.
+// shared-expert gate `xq`), then one warp routes. logits_out [T, E] and extra_out [T] may be null.
+// A token is a cluster of RT_NB blocks of 8 warps (blockIdx.y): one SM pulling a whole router
+// (Mixtral: 128 KB of f32) waits several memory latencies, RT_NB SMs one. A row is split into S
+// slices of K when there are fewer rows than the token's warps; each warp's slice sum goes to block
+// 0's shared memory, which adds a row's slices in slice order (a fixed order: deterministic) and
+// routes. Before sm_90 (no clusters) block 0 of a token does all of it alone.
+#define RT_NB 8
+#define RT_WARPS 8
+#define RT_PART 1024           // slice sums: rows * S <= max(rows, RT_NB * RT_WARPS)
+template <int WT>
+__device__ __forceinline__ i64 router_unit_bytes(int K) {
+    return WT == WT_Q4 ? 16 : WT == WT_Q8 ? 32 : ((K & 7) == 0 ? 8 : 1) * (WT == WT_F32 ? 4 : 2);
+}
 template <int WT, int ACT>
 __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16* m, const u8* xq, const u16* xs_,
                                             const u16* xm, int K, int Kp, int gshift,
@@ -339,13 +358,32 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
                                             int E, int A, int method, int n_group, int topk_group, int norm,
                                             int ones, float scaling, int* ids, float* wts) {
     __shared__ float lg[ROUTE_PER_LANE * 32 + 1];
-    __shared__ float part[1024];
-    const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    const int ncx = KX >> 5;
+    __shared__ float part[RT_PART];
+#if HAVE_CLUSTERS
+    cluster_arrive_relaxed();
+    const int nb = RT_NB, b = blockIdx.y;
+#else
+    if (blockIdx.y != 0) return;
+    const int nb = 1, b = 0;
+#endif
+    const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ncx = KX >> 5, nwt = nb * RT_WARPS, gw = b * RT_WARPS + warp;
     const int rows = E + (xq ? 1 : 0);
-    const int S = rows >= nwarps ? 1 : nwarps / rows;
+    const int S = rows >= nwt ? 1 : min(32, nwt / rows);
     const int nu = row_units(WT, K, Kp);
-    for (int task = warp; task < rows * S; task += nwarps) {
+    // the weights do not depend on the previous kernel: start pulling them into L2 before waiting
+    for (int task = gw; task < rows * S; task += nwt) {
+        const int row = task / S, sl = task % S;
+        const u8* qr[1]; const u16* sr[1]; const u16* mr[1];
+        if (row < E) row_ptrs<1>(WT, q, s, m, row, E, K, Kp, gshift, qr, sr, mr);
+        else row_ptrs<1>(WT, xq, xs_, xm, 0, 1, K, Kp, gshift, qr, sr, mr);
+        const i64 u0 = (i64)nu * sl / S, u1 = (i64)nu * (sl + 1) / S, ub = router_unit_bytes<WT>(K);
+        prefetch_l2(qr[0] + u0 * ub, (u1 - u0) * ub);
+    }
+    grid_dep();
+    float mine[RT_PART / (RT_NB * RT_WARPS)];
+    int nmine = 0;
+    for (int task = gw; task < rows * S; task += nwt) {
         const int row = task / S, sl = task % S;
         const u8* qr[1]; const u16* sr[1]; const u16* mr[1];
         if (row < E) row_ptrs<1>(WT, q, s, m, row, E, K, Kp, gshift, qr, sr, mr);
@@ -355,9 +393,24 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
                               xs + (i64)t * ncx, xc + (i64)t * ncx, KX, acc,
                               (int)((i64)nu * sl / S), (int)((i64)nu * (sl + 1) / S));
         const float v = warp_sum(acc[0][0]);
+#if HAVE_CLUSTERS
+        mine[nmine++ & (RT_PART / (RT_NB * RT_WARPS) - 1)] = v;
+#else
         if (lane == 0) part[task] = v;
+#endif
     }
+#if HAVE_CLUSTERS
+    cluster_wait();                              // every block of the cluster runs: block 0's part is valid
+    if (lane == 0) {
+        int i = 0;
+        for (int task = gw; task < rows * S; task += nwt) st_cluster(part + task, 0, mine[i++]);
+    }
+    cluster_sync();
+    if (b != 0) return;
+#else
+    (void)mine; (void)nmine;
     __syncthreads();
+#endif
     for (int row = threadIdx.x; row < rows; row += blockDim.x) {
         float v = part[row * S];
         for (int sl = 1; sl < S; ++sl) v = v + part[row * S + sl];
@@ -373,12 +426,13 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
         route_warp(lg, E, A, method, n_group, topk_group, norm, ones, scaling, ids + t * A, wts + t * A);
 }
 
+// grid (T, RT_NB), RT_WARPS warps a block; clusters of one token's blocks (sm_90+)
 #define ROUTER_INST(WTN, WT, ACT) \
-    extern "C" __global__ void __launch_bounds__(1024) router_##WTN( \
+    extern "C" __global__ void __launch_bounds__(RT_WARPS * 32, 1) CLUSTER_DIMS(1, RT_NB, 1) router_##WTN( \
         const u8* q, const u16* s, const u16* m, const u8* xq, const u16* xs_, const u16* xm, int K, int Kp, \
         int gshift, const float* x32, int ldx, const u16* xh, const float* xs, const float* xc, int KX, \
         float* logits_out, float* extra_out, int E, int A, int method, int n_group, int topk_group, int norm, \
-        int ones, float scaling, int* ids, float* wts) { grid_dep(); \
+        int ones, float scaling, int* ids, float* wts) { \
         router_body<WT, ACT>(q, s, m, xq, xs_, xm, K, Kp, gshift, x32, ldx, xh, xs, xc, KX, logits_out, extra_out, \
                         E, A, method, n_group, topk_group, norm, ones, scaling, ids, wts); }
 ROUTER_INST(f32, WT_F32, ACT_F16)
