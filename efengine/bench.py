@@ -9,11 +9,12 @@
 
 Measured, in order: ceilings (device-to-device copy counting read + write, a read-only probe
 kernel, pinned host -> GPU copies, an fp16 8192^3 matmul: H100 runs fp16 and bf16 at the same
-tensor-core rate), quantized GEMV microbenchmarks (q4 / q8 with fp16 and with int8 activations,
-"act" in each entry), then per model: resident batch-1 greedy decode as a CUDA graph (DecodeGraph)
-for each activation format of --act (the first one's numbers at the top level, all of them under
-"decode_by_act") and a prefill through Model.forward (fp16 GEMMs whatever --act). Models are full-size synthetic
-ones built directly on the GPU (gpu_synth.DeviceRandomSource: the shapes and stored types
+tensor-core rate), kernel microbenchmarks (efengine/kernel_bench.py: quantized GEMVs with fp16 and
+int8 activations, "act" in each entry, and the routed-expert kernels with each format of --act),
+then per model: resident batch-1 greedy decode as a CUDA graph (DecodeGraph) for each activation
+format of --act (the first one's numbers at the top level, all of them under "decode_by_act") and
+a prefill through Model.forward (fp16 GEMMs whatever --act). Models are full-size synthetic ones
+built directly on the GPU (gpu_synth.DeviceRandomSource: the shapes and stored types
 `efconvert --random SHAPE --experts E --dense D` writes, random bytes; speed does not depend on
 values) or a real .ef with --ef. Resident bound = bytes one decode step must read (weights it
 touches + KV cache) / measured read bandwidth. JSON goes to stdout (or --json), a table to stderr.
@@ -23,32 +24,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
 
 import numpy as np
 
 from .errors import EfError
+from .kernel_bench import gemv_bench, moe_bench, table_lines, timed as _timed
 
 DEFAULT_MODELS = "mixtral-8x7b:q4:q8,qwen1.5-moe-a2.7b:f16:f16"
-
-
-def _timed(fn, reps: int, stream=None, warmup: int = 2) -> float:
-    """Median seconds of fn() measured with CUDA events on `stream`."""
-    import cupy
-    for _ in range(warmup):
-        fn()
-    s = stream or cupy.cuda.get_current_stream()
-    e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-    out = []
-    for _ in range(reps):
-        e0.record(s)
-        fn()
-        e1.record(s)
-        e1.synchronize()
-        out.append(cupy.cuda.get_elapsed_time(e0, e1) / 1e3)
-    return statistics.median(out)
 
 
 def _d2d() -> float:
@@ -89,67 +73,6 @@ def ceilings() -> dict:
     import cupy
     out = {"d2d_GBps": _d2d() / 1e9, "read_GBps": _read() / 1e9, "h2d_pinned_GBps": _h2d() / 1e9,
            "matmul_f16_TFLOPs": _matmul() / 1e12}
-    cupy.get_default_memory_pool().free_all_blocks()
-    return out
-
-
-GEMV_CASES = [("q4", (14336, 4096), "f16"), ("q4", (4096, 14336), "f16"), ("q8", (4096, 4096), "f16"),
-              ("f16", (14336, 4096), "f16"),
-              ("q4", (14336, 4096), "int8"), ("q4", (4096, 14336), "int8"), ("q8", (4096, 4096), "int8")]
-
-
-def _graph_of(run, pdl: bool):
-    """run()'s launches captured as one CUDA graph (after an eager warm-up), and its stream."""
-    import cupy
-    from .ops import gpu_kernels
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream, gpu_kernels.dependent_launches(pdl):
-        run()
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            run()
-        finally:
-            graph = stream.end_capture()
-    return graph, stream
-
-
-def gemv_bench(read_GBps: float) -> list[dict]:
-    """GEMV kernels alone on matrices of expert shape (several copies: none stays in L2), quantized
-    ones with each activation format; 60 launches a CUDA graph, as a decode step launches them
-    (programmatic dependent launches where the GPU takes them, "pdl")."""
-    import cupy
-    from .ops import gpu_kernels
-    from .ops import gpu_ops as ops
-    from .ops.gpu_synth import fill_tensor
-    from .ops.gpu_weights import GpuWeight
-    from . import quant
-    out = []
-    pdl = gpu_kernels.pdl_supported()
-    for qtype, (N, K), act in GEMV_CASES:
-        copies = 6
-        nb = quant.nbytes(qtype, (N, K), 64)
-        Ws = []
-        for i in range(copies):
-            buf = cupy.empty(nb, dtype=cupy.uint8)
-            fill_tensor(int(buf.data.ptr), qtype, (N, K), 64, 11 + i, (3.0 / K) ** 0.5)
-            Ws.append(GpuWeight(qtype, (N, K), 64, buf))
-        x = cupy.random.standard_normal((1, K), dtype=cupy.float32)
-        prep = ops.XPrep(1, K, Ws[0].Kp, act)
-        ops.rows_prep(x, K, prep=prep)
-        y = cupy.empty((1, N), dtype=cupy.float32)
-        descs = [ops.gemv_desc([(W, y, None, False)]) for W in Ws]
-        reps = 10
-
-        def run():
-            for _ in range(reps):
-                for W, d in zip(Ws, descs):
-                    ops.gemv_launch(d, [W], 1, x, prep if W.quantized else None)
-        graph, stream = _graph_of(run, pdl)
-        t = _timed(lambda: graph.launch(stream), 5, stream=stream) / (reps * copies)
-        gbps = nb / t / 1e9
-        out.append({"type": qtype, "shape": [N, K], "bytes": nb, "us": t * 1e6, "GBps": gbps,
-                    "frac_read_bw": gbps / read_GBps, "act": act, "pdl": pdl})
     cupy.get_default_memory_pool().free_all_blocks()
     return out
 
@@ -296,10 +219,7 @@ def table(res: dict) -> str:
     lines = [f"device: {res['device']}",
              f"ceilings: D2D {c['d2d_GBps']:.0f} GB/s (read+write), read {c['read_GBps']:.0f} GB/s, "
              f"pinned H2D {c['h2d_pinned_GBps']:.1f} GB/s, fp16 matmul {c['matmul_f16_TFLOPs']:.0f} TFLOP/s"]
-    for gv in res.get("gemv", []):
-        x = f" ({gv.get('act', 'f16')} x)" if gv["type"] in ("q4", "q8") else ""
-        lines.append(f"GEMV {gv['type']} {gv['shape'][0]}x{gv['shape'][1]}{x}: {gv['us']:.1f} us, "
-                     f"{gv['GBps']:.0f} GB/s = {100 * gv['frac_read_bw']:.0f}% of read bandwidth")
+    lines += table_lines(res)
     hdr = f"{'model':30} {'decode tok/s':>12} {'% bound':>8} {'bound':>8} {'prefill tok/s':>14} {'% matmul':>9}"
     lines += [hdr, "-" * len(hdr)]
     for m in res.get("models", []):
@@ -343,7 +263,7 @@ def parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=512, help="prefill length timed; 0 skips (default 512)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers of synthetic shapes")
     p.add_argument("--group", type=int, default=64, help="quantization group of synthetic models (default 64)")
-    p.add_argument("--no-gemv", action="store_true", help="skip the GEMV microbenchmarks")
+    p.add_argument("--no-gemv", action="store_true", help="skip the kernel microbenchmarks (GEMV, routed experts)")
     p.add_argument("--act", type=_acts, default=["f16"], metavar="f16|int8|f16,int8",
                    help="activation formats of the quantized decode kernels to time decode with (default f16)")
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of stdout")
@@ -388,6 +308,7 @@ def main(args: list[str]) -> int:
         log(table({**res, "models": []}))
         if not a.no_gemv:
             res["gemv"] = gemv_bench(res["ceilings"]["read_GBps"])
+            res["moe_kernels"] = moe_bench(res["ceilings"]["read_GBps"], a.act)
         res["models"] = []
         specs = [s for s in a.models.split(",") if s] + [f"{f}::" for f in a.ef]
         for spec in specs:

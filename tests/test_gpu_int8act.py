@@ -152,13 +152,14 @@ def _product(blob, t, x, prep_rows):
     return y, 2e-6 * (np.abs(x) @ np.abs(w).T) + 1e-30
 
 
-@pytest.mark.parametrize("types", [("q4", "q4", 64), ("q8", "q4", 32), ("q4", "q8", 32), ("f16", "q4", 32),
-                                   ("q4", "f16", 32)])
+@pytest.mark.parametrize("types", [("q4", "q4", 64, 200), ("q8", "q4", 32, 200), ("q4", "q8", 32, 200),
+                                   ("f16", "q4", 32, 200), ("q4", "f16", 32, 200), ("q4", "q4", 64, 2048)])
 def test_moe_int8(rng, types):
     """gate+up (+ SiLU, + the h prep for down) and down through the slot table, int8 activations;
-    each stage against the twin on the previous stage's device output."""
-    gtype, dtype, group = types
-    D, I, A, T, slots = 160, 200, 2, 3, 4
+    each stage against the twin on the previous stage's device output. I = 2048: whole chunks of h,
+    counted in the block (moe.cu GateUpF), over two rounds of the grid's warps."""
+    gtype, dtype, group, I = types
+    D, A, T, slots = 160, 2, 3, 4
     pool, host, lay = random_pool(rng, D, I, 1, slots, slots, gtype, dtype, group)
     table = rng.permutation(slots).astype(np.int32)
     pool.table[0] = cp.asarray(table)
