@@ -24,6 +24,10 @@ GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
 GEMV_RW = {1: 2, 2: 2, 4: 2, 8: 1}
 ATT_WARPS = 4
 ATT_HEAD_DIMS = (64, 128)     # attention kernels compiled for dq = dv = these (others: the generic one)
+# decode attention in clusters (attn.cu attention_dec_*): ATD_NS blocks a kv group, ATD_TK keys a
+# tile, at most ATD_NR query rows a group; taken up to ATD_MAX_S keys (longer: split-K with a workspace)
+ATD_NS, ATD_TK, ATD_NR, ATD_THREADS, ATD_MAX_S = 8, 64, 8, 256, 1024
+RT_NB, RT_THREADS = 8, 256    # router: blocks a token (one cluster, gemv.cu RT_NB) and their threads
 
 
 def _f32c(a, what: str):
@@ -215,13 +219,14 @@ def route(logits, cfg: ModelConfig, ids=None, wts=None):
 
 def router(W: GpuWeight, T: int, x32, prep: XPrep | None, cfg: ModelConfig, ids, wts, *,
            logits=None, extra: GpuWeight | None = None, extra_out=None) -> None:
-    """Router GEMV + routing in one launch (one block a token); extra = a one-row gate beside it."""
+    """Router GEMV + routing in one launch (a cluster of RT_NB blocks a token: the router's rows are
+    read by RT_NB SMs at once); extra = a one-row gate beside it."""
     if W.N != cfg.n_experts:
         raise ConfigError(f"router has {W.N} rows, config {cfg.n_experts} experts")
     if extra is not None and (extra.qtype, extra.K, extra.group) != (W.qtype, W.K, W.group):
         raise ConfigError("router: the shared-expert gate must share the router's type and group")
     q = None if prep is None else prep
-    launch("gemv", f"router_{W.qtype}{_suffix(W.quantized, prep)}", (T,), (1024,),
+    launch("gemv", f"router_{W.qtype}{_suffix(W.quantized, prep)}", (T, RT_NB), (RT_THREADS,),
            (u64(W.ptr("q")), u64(W.ptr("s")), u64(W.ptr("m")),
             u64(0 if extra is None else extra.ptr("q")), u64(0 if extra is None else extra.ptr("s")),
             u64(0 if extra is None else extra.ptr("m")), i32(W.K), i32(W.Kp), i32(W.gshift),
@@ -339,6 +344,33 @@ def attn_splits(T: int, H: int, G: int, S: int) -> int:
     return max(1, min(cdiv(S, 64), 264 // blocks))
 
 
+_CLUSTERS: list = []
+
+
+def clusters_supported() -> bool:
+    """Thread block clusters (sm_90+): the cluster kernels' fast paths (else their fallbacks)."""
+    if not _CLUSTERS:
+        _CLUSTERS.append(int(cupy.cuda.Device().compute_capability) >= 90)
+    return _CLUSTERS[0]
+
+
+def _attention_decode(q, k, v, pos0, scale: float, out, S: int, prep: XPrep | None) -> bool:
+    """attention() through the cluster decode kernel where it applies (few query rows a kv group,
+    dq = dv in ATT_HEAD_DIMS, 16-byte aligned rows, up to ATD_MAX_S keys); False where it does not."""
+    T, H, d = q.shape
+    G = k.shape[1]
+    rows = T * (H // G)
+    if (not clusters_supported() or d != v.shape[2] or d not in ATT_HEAD_DIMS or rows > ATD_NR or S > ATD_MAX_S
+            or (addr(q) | q.strides[0] | q.strides[1] | addr(k) | addr(v)) % 16):
+        return False
+    smem = 4 * (ATD_TK * (d + 4) + ATD_TK * d + ATD_NR * (d + 4) + ATD_NR * ATD_TK + ATD_NR + ATD_NS * (d + 2))
+    launch("attn", f"attention_dec_d{d}_r{4 if rows <= 4 else 8}", (1, G, ATD_NS), (ATD_THREADS,),
+           (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(S), pos0,
+            f32(scale), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
+            i32(0 if prep is None else prep.KX), _act(prep)), shared=smem)
+    return True
+
+
 def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = None, S: int | None = None,
               prep: XPrep | None = None):
     """Causal attention: q [T, H, dq] (any strides, last axis contiguous), k [S, G, dq], v [S, G, dv].
@@ -363,10 +395,13 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
     S = Sk if S is None else S
     if not isinstance(pos0, cupy.ndarray):
         pos0 = cupy.full((1,), int(pos0), dtype=cupy.int32)
+    if out is None:
+        out = cupy.empty((T, H, dv), dtype=cupy.float32)
+    if _attention_decode(q, k, v, pos0, scale, out, min(S, Sk), prep):
+        return out
     nsplit = work.nsplit if work is not None else attn_splits(T, H, G, S)
     if work is None and nsplit > 1:
         work = AttnWork(T, H, G, dv, nsplit)
-    out = cupy.empty((T, H, dv), dtype=cupy.float32) if out is None else out
     qw = attn_qw(T, H // G)
     tiles = cdiv(T * (H // G), qw * ATT_WARPS)
     shared = 4 * (32 * (dq + 1) + 32 * dv + qw * ATT_WARPS * dq)
