@@ -35,6 +35,9 @@ MODULE = "moe_gemm"
 gpu_kernels.MODULES.setdefault(MODULE, ("common.cuh", "moe_gemm.cu"))
 BM, BN, LDS = 64, 128, 72                      # BM: rows of the default tile; MG_BN, MG_LDS in moe_gemm.cu
 BM_BIG = 128                                   # the _m128 kernels' tiles (8 warps, 2 threads a row)
+BM_HUGE = 256                                  # the _m256 kernels' tiles (16 warps, one block an SM)
+# tile rows -> (kernel name suffix, threads a block); every variant computes each row the same way
+TILES = {BM: ("", 128), BM_BIG: ("_m128", 256), BM_HUGE: ("_m256", 512)}
 
 
 def smem(bm: int) -> int:
@@ -104,7 +107,7 @@ def _wtab(handles: dict, experts, parts: tuple) -> np.ndarray:
 def moe_prefill(x, ids: np.ndarray, handles: dict, marks: list | None = None, bm: int | None = None):
     """y [T*A, D] f32: row t*A + a = expert ids[t, a] on x[t]. x [T, D] f32 device; ids host.
     marks: a list to which CUDA events are appended after the tables, gate/up and down stages;
-    bm: rows a tile (BM or BM_BIG; default tile_rows)."""
+    bm: rows a tile (a key of TILES; default tile_rows)."""
     ids = np.asarray(ids)
     T, D = x.shape
     A = ids.shape[1]
@@ -181,19 +184,19 @@ def weight_tables(handles: dict) -> tuple:
 
 def _gemms(x, arow, slots, tl, n_tiles: int, bm: int, wgu, wdn, lay: ExpertLayout, marks):
     """The two grouped launches over tiles tl [n_tiles, 4] of bm rows -> y [P, D] in (token, rank) slots."""
-    sfx = {BM: "", BM_BIG: "_m128"}[bm]
+    sfx, threads = TILES[bm]
     g, d = lay.parts["gate"], lay.parts["down"]
     I, D, P = g.shape[0], g.shape[1], slots.shape[0]
     x16, xinv = _rows16(x)
     ldh = cdiv(I, 8) * 8
     h = cupy.empty((P, ldh), dtype=cupy.float32)
-    launch(MODULE, f"mg_gateup_{g.qtype}{sfx}", (n_tiles, cdiv(ldh, BN // 2)), (2 * bm,),
+    launch(MODULE, f"mg_gateup_{g.qtype}{sfx}", (n_tiles, cdiv(ldh, BN // 2)), (threads,),
            (tl, wgu, x16, i32(x16.shape[1]), i32(x16.shape[1]), arow, xinv, i32(I), i32(D), i32(g.Kp),
             i32(_gsh(g)), h, i32(ldh), ptr(None)), shared=smem(bm))
     _mark(marks)
     h16, hinv = _rows16(h)
     y = cupy.empty((P, D), dtype=cupy.float32)
-    launch(MODULE, f"mg_down_{d.qtype}{sfx}", (n_tiles, cdiv(D, BN)), (2 * bm,),
+    launch(MODULE, f"mg_down_{d.qtype}{sfx}", (n_tiles, cdiv(D, BN)), (threads,),
            (tl, wdn, h16, i32(ldh), i32(ldh), ptr(None), hinv, i32(D), i32(I), i32(d.Kp), i32(_gsh(d)),
             y, i32(D), slots), shared=smem(bm))
     _mark(marks)
@@ -255,8 +258,9 @@ def check_case(rng, T: int, A: int, E: int, D: int, I: int, qtype: str, group: i
     if got is not None:      # the device-made plan: the same products, bit for bit
         dev_y = moe_prefill_device(cupy.asarray(x), cupy.asarray(ids), handles)
         out["device_plan_equal"] = bool(np.array_equal(cupy.asnumpy(dev_y), got))
-        big = cupy.asnumpy(moe_prefill(cupy.asarray(x), ids, handles, bm=BM_BIG))
-        out["tile_rows_equal"] = bool(np.array_equal(big, got))       # 64 vs 128-row tiles
+        out["tile_rows_equal"] = all(                                 # 64 vs 128 / 256-row tiles
+            np.array_equal(cupy.asnumpy(moe_prefill(cupy.asarray(x), ids, handles, bm=b)), got)
+            for b in (BM_BIG, BM_HUGE))
         err = np.abs(got - ref)
         out["rel_rms"] = quant.rel_rms(ref, got)
         out["max_rel"] = float(err.max() / np.abs(ref).max())
@@ -299,7 +303,7 @@ def bench(T: int = 512, A: int = 2, E: int = 8, D: int = 4096, I: int = 14336, q
     t = _timed(lambda: moe_prefill(x, ids, handles))
     ids_d, tables = cupy.asarray(ids), weight_tables(handles)
     t_dev = _timed(lambda: moe_prefill_device(x, ids_d, handles, tables))
-    by_rows = {bm: 1e3 * _timed(lambda: moe_prefill_device(x, ids_d, handles, tables, bm=bm)) for bm in (BM, BM_BIG)}
+    by_rows = {bm: 1e3 * _timed(lambda: moe_prefill_device(x, ids_d, handles, tables, bm=bm)) for bm in TILES}
     marks: list = []
     e0 = cupy.cuda.Event()
     e0.record()
