@@ -270,7 +270,7 @@ class Experts:
 
 def _moe_launch(name: str, P: int, N: int, args) -> None:
     """An MoE kernel as a persistent grid of blocks of the size it was compiled for (moe.cu: TG),
-    no more than one warp a row (a kernel's tasks take 1 or 2 rows: moe.cu's H / RWD; warps
+    no more than one warp a row (a kernel's tasks take 1 to 4 rows: moe.cu's H / RWD; warps
     without a task leave at once)."""
     threads = kernel("moe", name).max_threads_per_block
     grid = min(cdiv(P * N, threads // 32), resident_blocks("moe", name, threads))
