@@ -131,7 +131,8 @@ def check_prep(prep, act, x) -> None:
 CASES = [  # T, H, G, d, pos0, S (cache rows)
     (1, 32, 8, 128, 399, 400), (1, 32, 8, 128, 127, 400), (1, 32, 8, 128, 0, 400), (1, 8, 2, 64, 5, 37),
     (2, 8, 2, 128, 700, 1000), (1, 16, 2, 64, 1022, 1023), (1, 4, 4, 128, 60, 61), (3, 6, 3, 64, 9, 20),
-    (1, 8, 2, 128, 1500, 1600)]   # the last: past ATD_MAX_S, the split-K kernel
+    # several clusters a group merged through the workspace; a long cache with a short context
+    (1, 8, 2, 128, 1500, 1600), (1, 32, 8, 128, 3000, 4096), (1, 32, 8, 128, 100, 4096), (2, 8, 2, 64, 2500, 2600)]
 
 
 @gpu
@@ -152,11 +153,31 @@ def test_attention_decode(rng, case, act):
     assert rel(ref, got) < TOL_F32
     check_prep(prep, act, got.reshape(T, H * d))
     # the result depends on the visible keys only, not on the cache's size
-    if S > ops.ATD_MAX_S:
-        return
     out2 = cp.full((T, H, d), np.nan, dtype=cp.float32)
     ops.attention(qd, kd[:pos0 + T], vd[:pos0 + T], p0, d ** -0.5, out=out2)
     np.testing.assert_array_equal(cp.asnumpy(out2), got)
+
+
+@gpu
+@pytest.mark.parametrize("nsplit", [1, 2, 7])
+def test_attention_decode_work(rng, nsplit):
+    """A caller's workspace (the decode graph's) caps the clusters a group: fewer, longer ones; the
+    counters are back at zero after the launch (a graph replays it)."""
+    T, H, G, d, pos0, S = 1, 32, 8, 128, 2000, 2100
+    q = rng.standard_normal((T, H, d)).astype(np.float32)
+    k = rng.standard_normal((S, G, d)).astype(np.float32)
+    v = rng.standard_normal((S, G, d)).astype(np.float32)
+    ref = NB.attention(q, k[:pos0 + T], v[:pos0 + T], pos0, d ** -0.5)
+    work = ops.AttnWork(T, H, G, d, nsplit)
+    prep = ops.XPrep(T, H * d, H * d, "int8")
+    out = cp.full((T, H, d), np.nan, dtype=cp.float32)
+    for _ in range(2):
+        ops.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(np.array([pos0], np.int32)),
+                      d ** -0.5, out=out, work=work, S=S, prep=prep)
+        assert int(work.counters.sum()) == 0
+    got = cp.asnumpy(out)
+    assert rel(ref, got) < TOL_F32
+    check_prep(prep, "int8", got.reshape(T, H * d))
 
 
 @gpu

@@ -24,9 +24,9 @@ GEMV_T = (8, 4, 2, 1)           # token counts with compiled GEMV variants
 GEMV_RW = {1: 2, 2: 2, 4: 2, 8: 1}
 ATT_WARPS = 4
 ATT_HEAD_DIMS = (64, 128)     # attention kernels compiled for dq = dv = these (others: the generic one)
-# decode attention in clusters (attn.cu attention_dec_*): ATD_NS blocks a kv group, ATD_TK keys a
-# tile, at most ATD_NR query rows a group; taken up to ATD_MAX_S keys (longer: split-K with a workspace)
-ATD_NS, ATD_TK, ATD_NR, ATD_THREADS, ATD_MAX_S = 8, 64, 8, 256, 1024
+# decode attention in clusters (attn.cu attention_dec_*): ATD_NS blocks a cluster, ATD_TK keys a tile,
+# at most ATD_NR query rows a kv group, a cluster a group for each ATD_CK keys of the launch's S
+ATD_NS, ATD_TK, ATD_NR, ATD_THREADS, ATD_CK = 8, 64, 8, 256, 512
 RT_NB, RT_THREADS = 8, 256    # router: blocks a token (one cluster, gemv.cu RT_NB) and their threads
 
 
@@ -332,7 +332,7 @@ class AttnWork:
         self.m = cupy.empty(nsplit * T * H, dtype=cupy.float32)
         self.l = cupy.empty(nsplit * T * H, dtype=cupy.float32)
         self.acc = cupy.empty(nsplit * T * H * dv, dtype=cupy.float32)
-        self.counters = cupy.zeros(tiles * G, dtype=cupy.int32)
+        self.counters = cupy.zeros(max(tiles, ATD_NR) * G, dtype=cupy.int32)   # split-K / decode kernel
 
 
 def attn_splits(T: int, H: int, G: int, S: int) -> int:
@@ -354,19 +354,26 @@ def clusters_supported() -> bool:
     return _CLUSTERS[0]
 
 
-def _attention_decode(q, k, v, pos0, scale: float, out, S: int, prep: XPrep | None) -> bool:
+def _attention_decode(q, k, v, pos0, scale: float, out, S: int, work: AttnWork | None, prep: XPrep | None) -> bool:
     """attention() through the cluster decode kernel where it applies (few query rows a kv group,
-    dq = dv in ATT_HEAD_DIMS, 16-byte aligned rows, up to ATD_MAX_S keys); False where it does not."""
+    dq = dv in ATT_HEAD_DIMS, 16-byte aligned rows); False where it does not. NC = ceil(S / ATD_CK)
+    clusters a group (at most work.nsplit), of which the kernel uses those the visible keys need."""
     T, H, d = q.shape
     G = k.shape[1]
     rows = T * (H // G)
-    if (not clusters_supported() or d != v.shape[2] or d not in ATT_HEAD_DIMS or rows > ATD_NR or S > ATD_MAX_S
+    if (not clusters_supported() or d != v.shape[2] or d not in ATT_HEAD_DIMS or rows > ATD_NR
             or (addr(q) | q.strides[0] | q.strides[1] | addr(k) | addr(v)) % 16):
         return False
+    nc = max(1, cdiv(S, ATD_CK))
+    if work is not None:
+        nc = min(nc, work.nsplit)
+    elif nc > 1:
+        work = AttnWork(T, H, G, d, nc)
     smem = 4 * (ATD_TK * (d + 4) + ATD_TK * d + ATD_NR * (d + 4) + ATD_NR * ATD_TK + ATD_NR + ATD_NS * (d + 2))
-    launch("attn", f"attention_dec_d{d}_r{4 if rows <= 4 else 8}", (1, G, ATD_NS), (ATD_THREADS,),
-           (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(S), pos0,
-            f32(scale), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
+    launch("attn", f"attention_dec_d{d}_r{4 if rows <= 4 else 8}", (1, G, ATD_NS * nc), (ATD_THREADS,),
+           (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(S), i32(nc),
+            pos0, f32(scale), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
+            ptr(work and work.counters), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
             i32(0 if prep is None else prep.KX), _act(prep)), shared=smem)
     return True
 
@@ -397,7 +404,7 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
         pos0 = cupy.full((1,), int(pos0), dtype=cupy.int32)
     if out is None:
         out = cupy.empty((T, H, dv), dtype=cupy.float32)
-    if _attention_decode(q, k, v, pos0, scale, out, min(S, Sk), prep):
+    if _attention_decode(q, k, v, pos0, scale, out, min(S, Sk), work, prep):
         return out
     nsplit = work.nsplit if work is not None else attn_splits(T, H, G, S)
     if work is None and nsplit > 1:

@@ -268,20 +268,24 @@ ATT_INST(attention_q4_d64, 4, 64)
 ATT_INST(attention_q1_d128, 1, 128)
 ATT_INST(attention_q4_d128, 4, 128)
 
-// ---- decode attention: one cluster of ATD_NS blocks a kv group ------------------------------------
+// ---- decode attention: clusters of ATD_NS blocks a kv group --------------------------------------
 // For a step of NR <= ATD_NR query rows a group (decode: T R, R = H / G) and dq = dv = HD. Grid
-// (1, G, ATD_NS), clusters along z: block s takes keys [s chunk, (s + 1) chunk) of the kmax visible
-// ones (chunk = ceil(kmax / ATD_NS)), ATD_TK keys a shared tile, all of a tile's loads in flight at
-// once (one memory latency a tile). Per tile: scores of every (key, row) pair (8 warps, K read once
-// for a lane's row, no cross-lane reduction), the rows' online softmax (warp r: row r), then
-// P V with a thread a value dim. The blocks' partial (max, sum, acc) of row r are stored into the
-// shared memory of block r % ATD_NS (distributed shared memory), one cluster barrier, and that block
-// merges them in block order and writes the row (and its xprep). No workspace, counter or fence in
-// global memory; the result depends on kmax only (not on the launch's S).
+// (1, G, ATD_NS NC), clusters of ATD_NS blocks along z. Of the NC clusters of a group, the first
+// nca = ceil(kmax / ATD_CK) (at most NC) take the kmax visible keys, cut evenly over their blocks
+// (the others leave at once: a short context in a long cache costs no more than in a short one);
+// ATD_TK keys a shared tile, all of a tile's loads in flight at once (one memory latency a tile).
+// Per tile: scores of every (key, row) pair (8 warps, K read once for a lane's row, no cross-lane
+// reduction), the rows' online softmax (warp r: row r), then P V with a thread a value dim. The
+// blocks' partial (max, sum, acc) of row r go into the shared memory of block r of the cluster
+// (distributed shared memory), one cluster barrier, and that block merges them in block order.
+// With nca = 1 it writes the row (and its xprep); else it writes the cluster's partial to ws_* and
+// the last cluster to arrive for the row (atomic counter, reset for the next launch) merges the
+// nca partials in cluster order. Results depend on kmax (and NC) only, never on timing.
 #define ATD_NS 8
 #define ATD_TK 64
 #define ATD_NR 8
 #define ATD_THREADS 256
+#define ATD_CK 512           // visible keys a cluster takes before the next one joins
 
 template <int HD>
 __device__ __forceinline__ int atd_smem_floats() {
@@ -290,8 +294,9 @@ __device__ __forceinline__ int atd_smem_floats() {
 
 template <int HD, int NR>
 __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k,
-        const float* v, float* out, int T, int H, int G, int S, const int* pos0p, float scale,
-        u16* oxh, float* oxs, float* oxc, int OKX, int oact) {
+        const float* v, float* out, int T, int H, int G, int S, int NC, const int* pos0p, float scale,
+        float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX,
+        int oact) {
 #if HAVE_CLUSTERS
     extern __shared__ float4 sm4[];
     float* sm = (float*)sm4;
@@ -308,13 +313,14 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
     float* Mm = Al + ATD_NR;                     // [NS] partial maxima of the row this block merges
     float* Ml = Mm + ATD_NS;                     // [NS] partial sums
     float* Ma = Ml + ATD_NS;                     // [NS][HD] partial accumulators
-    cluster_arrive_relaxed();
-    const int R = H / G, g = blockIdx.y, rank = (int)cluster_rank();
+    __shared__ int is_last;
+    const int R = H / G, g = blockIdx.y, rank = (int)cluster_rank(), cl = blockIdx.z / ATD_NS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nrows = T * R;
     {   // K / V of the block's keys do not depend on the previous kernel (but the newest row does, and
         // pos0 may not be final yet): pull its lines into L2 before waiting, hints only
-        const int p0 = min(max(*(volatile const int*)pos0p, 0), S), c0 = (p0 + T + ATD_NS - 1) / ATD_NS;
-        const int b0 = min(rank * c0, S), e0 = min(b0 + c0, S);
+        const int k0 = min(max(*(volatile const int*)pos0p, 0), S) + T;
+        const int na = min(max((k0 + ATD_CK - 1) / ATD_CK, 1), NC), c0 = (k0 + ATD_NS * na - 1) / (ATD_NS * na);
+        const int b0 = cl < na ? min((cl * ATD_NS + rank) * c0, S) : S, e0 = min(b0 + c0, S);
         constexpr int LN = HD / 32;               // 128-byte lines of a key's row
         for (int u = threadIdx.x; u < (e0 - b0) * 2 * LN; u += ATD_THREADS) {
             const int key = b0 + u / (2 * LN), w = u % (2 * LN);
@@ -323,15 +329,18 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
     }
     grid_dep();
     const int pos0 = *pos0p;
+    const int kmax = pos0 + (nrows - 1) / R + 1;
+    const int nca = min(max((kmax + ATD_CK - 1) / ATD_CK, 1), NC);
+    if (cl >= nca) return;                       // the whole cluster: its blocks all see the same kmax
+    cluster_arrive_relaxed();
     for (int u = threadIdx.x; u < ATD_NR * HD / 4; u += ATD_THREADS) {
         const int r = u / (HD / 4), i = u % (HD / 4);
         float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (r < nrows) x = __ldg((const float4*)(q + (i64)(r / R) * ldq_t + (i64)(g * R + r % R) * ldq_h) + i);
         *(float4*)(Qs + r * KS + 4 * i) = x;
     }
-    const int kmax = pos0 + (nrows - 1) / R + 1;
-    const int chunk = (kmax + ATD_NS - 1) / ATD_NS;
-    const int kbeg = min(rank * chunk, kmax), kend = min(kbeg + chunk, kmax);
+    const int chunk = (kmax + ATD_NS * nca - 1) / (ATD_NS * nca);
+    const int kbeg = min((cl * ATD_NS + rank) * chunk, kmax), kend = min(kbeg + chunk, kmax);
     float m_run = -INFINITY, l_run = 0.0f;       // row `warp`'s (warps < NR), lane-uniform
     float acc[RPT];
 #pragma unroll
@@ -431,8 +440,9 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
         st_cluster(Ml + rank, warp % ATD_NS, l_run);
     }
     cluster_sync();
-    if (rank >= nrows || (int)threadIdx.x >= HD) return;
+    if (rank >= nrows) return;
     const int row = rank, t = row / R, h = g * R + row % R;
+    const bool mine = (int)threadIdx.x < HD;
     // every block's (max, sum); a block with no visible key has m = -inf, l = 0, acc = 0: f = 0
     float M = -INFINITY;
 #pragma unroll
@@ -443,8 +453,37 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
         const float mb = Mm[b];
         const float f = mb == -INFINITY ? 0.0f : expf(mb - M);
         L += Ml[b] * f;
-        o += Ma[b * HD + dcol] * f;
+        if (mine) o += Ma[b * HD + dcol] * f;
     }
+    if (nca > 1) {                               // the cluster's partial; the last cluster merges them
+        const int TH = T * H;
+        const i64 idx = (i64)cl * TH + (i64)t * H + h;
+        if (mine) ws_acc[idx * HD + dcol] = o;
+        if (threadIdx.x == 0) { ws_m[idx] = M; ws_l[idx] = L; }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int* ctr = counters + g * ATD_NR + row;
+            const int prev = atomicAdd(ctr, 1);
+            is_last = prev == nca - 1;
+            if (is_last) *ctr = 0;
+        }
+        __syncthreads();
+        if (!is_last || !mine) return;
+        __threadfence();
+        const i64 idx0 = (i64)t * H + h;
+        M = -INFINITY;
+        for (int c = 0; c < nca; ++c) M = fmaxf(M, __ldcg(ws_m + c * TH + idx0));
+        L = 0.0f;
+        o = 0.0f;
+        for (int c = 0; c < nca; ++c) {          // cluster order: the same sums every launch
+            const float mc = __ldcg(ws_m + c * TH + idx0);
+            const float f = mc == -INFINITY ? 0.0f : expf(mc - M);
+            L += __ldcg(ws_l + c * TH + idx0) * f;
+            o += __ldcg(ws_acc + (c * TH + idx0) * HD + dcol) * f;
+        }
+    }
+    if (!mine) return;
     o = o / L;
     out[((i64)t * H + h) * HD + dcol] = o;
     if (oxh == nullptr) return;
@@ -455,10 +494,12 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
 }
 
 #define ATD_ARGS const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out, int T, int H, \
-    int G, int S, const int* pos0p, float scale, u16* oxh, float* oxs, float* oxc, int OKX, int oact
+    int G, int S, int NC, const int* pos0p, float scale, float* ws_m, float* ws_l, float* ws_acc, int* counters, \
+    u16* oxh, float* oxs, float* oxc, int OKX, int oact
 #define ATD_INST(NAME, HD, NR) \
     extern "C" __global__ void __launch_bounds__(ATD_THREADS) CLUSTER_DIMS(1, 1, ATD_NS) NAME(ATD_ARGS) { \
-        attention_decode_body<HD, NR>(q, ldq_t, ldq_h, k, v, out, T, H, G, S, pos0p, scale, oxh, oxs, oxc, OKX, oact); }
+        attention_decode_body<HD, NR>(q, ldq_t, ldq_h, k, v, out, T, H, G, S, NC, pos0p, scale, ws_m, ws_l, ws_acc, \
+                                      counters, oxh, oxs, oxc, OKX, oact); }
 ATD_INST(attention_dec_d64_r4, 64, 4)
 ATD_INST(attention_dec_d64_r8, 64, 8)
 ATD_INST(attention_dec_d128_r4, 128, 4)

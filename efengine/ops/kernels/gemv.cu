@@ -383,8 +383,9 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
         prefetch_l2(qr[0] + u0 * ub, (u1 - u0) * ub);
     }
     grid_dep();
-    float mine[RT_PART / (RT_NB * RT_WARPS)];
-    int nmine = 0;
+#if HAVE_CLUSTERS
+    cluster_wait();                              // every block of the cluster runs: block 0's part is valid
+#endif
     for (int task = gw; task < rows * S; task += nwt) {
         const int row = task / S, sl = task % S;
         const u8* qr[1]; const u16* sr[1]; const u16* mr[1];
@@ -396,24 +397,18 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
                               (int)((i64)nu * sl / S), (int)((i64)nu * (sl + 1) / S));
         const float v = warp_sum(acc[0][0]);
 #if HAVE_CLUSTERS
-        mine[nmine++ & (RT_PART / (RT_NB * RT_WARPS) - 1)] = v;
+        if (lane == 0) st_cluster(part + task, 0, v);
 #else
         if (lane == 0) part[task] = v;
 #endif
     }
 #if HAVE_CLUSTERS
-    cluster_wait();                              // every block of the cluster runs: block 0's part is valid
-    if (lane == 0) {
-        int i = 0;
-        for (int task = gw; task < rows * S; task += nwt) st_cluster(part + task, 0, mine[i++]);
-    }
     cluster_sync();
-    if (b != 0) return;
 #else
-    (void)mine; (void)nmine;
     __syncthreads();
 #endif
-    for (int row = threadIdx.x; row < rows; row += blockDim.x) {
+    if (b != 0 || warp != 0) return;             // warp 0 of block 0 adds the slices and routes
+    for (int row = lane; row < rows; row += 32) {
         float v = part[row * S];
         for (int sl = 1; sl < S; ++sl) v = v + part[row * S + sl];
         lg[row] = v;
@@ -423,9 +418,8 @@ __device__ __forceinline__ void router_body(const u8* q, const u16* s, const u16
             extra_out[t] = v;
         }
     }
-    __syncthreads();
-    if (warp == 0)
-        route_warp(lg, E, A, method, n_group, topk_group, norm, ones, scaling, ids + t * A, wts + t * A);
+    __syncwarp();
+    route_warp(lg, E, A, method, n_group, topk_group, norm, ones, scaling, ids + t * A, wts + t * A);
 }
 
 // grid (T, RT_NB), RT_WARPS warps a block; clusters of one token's blocks (sm_90+)
