@@ -24,14 +24,10 @@ from efengine.ops import gpu_attn_prefill as gap
 from efengine.ops import gpu_kernels
 from efengine.ops.numpy_backend import NumpyBackend
 
-from gpu_check import HAVE_GPU, cp
+from gpu_check import cp, gpu
 
 NB = NumpyBackend()
 BOUND = 1e-4
-
-
-def gpu(f):
-    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")(f))
 
 
 def inputs(rng, T, H, G, dq, dv, pos0):

@@ -19,19 +19,11 @@ from efengine.ops import gpu_dense_prefill as dp
 from efengine.ops import gpu_kernels
 from efengine.ops.numpy_backend import NumpyBackend
 
-from gpu_check import HAVE_GPU, cp
+from gpu_check import cp, gpu, rel
 
 NB = NumpyBackend()
 TOL_MM = 1e-2
 TOL_F32 = 2e-6
-
-
-def gpu(f):
-    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")(f))
-
-
-def rel(ref, got) -> float:
-    return quant.rel_rms(np.asarray(ref, np.float64), np.asarray(got, np.float64))
 
 
 def rows_x(rng, T, K):

@@ -19,12 +19,8 @@ from efengine.ops import gpu_ref
 from efengine.ops.numpy_backend import NumpyBackend
 
 
-from gpu_check import HAVE_GPU
+from gpu_check import HAVE_GPU, gpu, rel
 from gpu_helpers import random_pool, rows_prep_case  # noqa: E402
-
-
-def gpu(f):
-    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")(f))
 
 
 if HAVE_GPU:
@@ -37,10 +33,6 @@ NB = NumpyBackend()
 TOL_Q = 3e-3      # fp16 activations, fp16 partial sums of 8 products, fp32 accumulation
 TOL_MM = 1e-2     # fp16 GEMM operands (prefill)
 TOL_F32 = 2e-5
-
-
-def rel(ref, got) -> float:
-    return quant.rel_rms(np.asarray(ref, np.float64), np.asarray(got, np.float64))
 
 
 def stored(rng, qtype, shape, group):

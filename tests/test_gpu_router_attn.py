@@ -18,7 +18,7 @@ from efengine.config import ModelConfig
 from efengine.ops import act_int8, gpu_ref
 from efengine.ops.numpy_backend import NumpyBackend
 
-from gpu_check import HAVE_GPU
+from gpu_check import HAVE_GPU, gpu, rel
 
 if HAVE_GPU:
     import cupy as cp
@@ -28,14 +28,6 @@ if HAVE_GPU:
 NB = NumpyBackend()
 TOL_F32 = 2e-5
 TOL_Q = 3e-3
-
-
-def gpu(f):
-    return pytest.mark.gpu(pytest.mark.skipif(not HAVE_GPU, reason="needs CuPy and a CUDA GPU")(f))
-
-
-def rel(ref, got) -> float:
-    return quant.rel_rms(np.asarray(ref, np.float64), np.asarray(got, np.float64))
 
 
 def _cfg(E: int, A: int, K: int) -> ModelConfig:
