@@ -186,9 +186,14 @@ def _cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# route_warp has a variant by experts a lane (E <= 32, 64, 128, more): every one is taken here
 ROUTES = [dict(), dict(norm_topk_prob=True), dict(n_experts=60, top_k=4), dict(moe_weighting="ones"),
           dict(n_experts=64, top_k=6, topk_method="group_limited_greedy", n_group=8, topk_group=3,
-               routed_scaling_factor=16.0), dict(n_experts=128, top_k=8, norm_topk_prob=True)]
+               routed_scaling_factor=16.0), dict(n_experts=128, top_k=8, norm_topk_prob=True),
+          dict(n_experts=33, top_k=3), dict(n_experts=200, top_k=8, norm_topk_prob=True),
+          dict(n_experts=512, top_k=32, norm_topk_prob=True),
+          dict(n_experts=256, top_k=8, topk_method="group_limited_greedy", n_group=8, topk_group=4,
+               routed_scaling_factor=2.5)]
 
 
 @gpu
