@@ -168,3 +168,32 @@ def test_attention_decode_strided_q(rng):
     qd = cp.asarray(qkv)[:, :H * d].reshape(T, H, d)
     got = ops.attention(qd, cp.asarray(k), cp.asarray(v), pos0, d ** -0.5, S=pos0 + T)
     assert rel(ref, cp.asnumpy(got)) < TOL_F32
+
+
+@gpu
+@pytest.mark.parametrize("case", CASES[:9] + [(1, 4, 2, 96, 30, 40)])   # d = 96: qkv_rope_store, then split-K
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_attention_rope_kv_fused(rng, case, act):
+    """new_kv: q and the step's keys come as projected; the rope and the cache store happen in the
+    attention launch. The same bits as qkv_rope_store then attention: output, xprep and caches."""
+    T, H, G, d, pos0, S = case
+    q = rng.standard_normal((T, H, d)).astype(np.float32)
+    kn, vn = (rng.standard_normal((T, G * d)).astype(np.float32) for _ in range(2))
+    kc, vc = (rng.standard_normal((S, G, d)).astype(np.float32) for _ in range(2))
+    ang = rng.uniform(0, 6.3, (S, d // 2))
+    cos, sin = cp.asarray(np.cos(ang).astype(np.float32)), cp.asarray(np.sin(ang).astype(np.float32))
+    p0 = cp.asarray(np.array([pos0], np.int32))
+    outs = []
+    for fused in (False, True):
+        qd, knd, vnd, kcd, vcd = (cp.asarray(a) for a in (q, kn, vn, kc, vc))
+        prep = ops.XPrep(T, H * d, H * d, act) if act else None
+        out = cp.full((T, H, d), np.nan, dtype=cp.float32)
+        if fused:
+            ops.attention(qd, kcd, vcd, p0, d ** -0.5, out=out, S=S, prep=prep, new_kv=(knd, vnd, cos, sin))
+        else:
+            ops.qkv_rope_store(qd, knd, vnd, H, G, d, cos, sin, p0, kcd, vcd)
+            ops.attention(qd, kcd, vcd, p0, d ** -0.5, out=out, S=S, prep=prep)
+        outs.append([cp.asnumpy(a) for a in (out, kcd, vcd) + ((prep.xh, prep.xs, prep.xc) if prep else ())])
+    assert not np.isnan(outs[0][0]).any()
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(b, a)

@@ -8,8 +8,8 @@ routed experts all sit in `pool` (an ExpertPool: slot table on the device): embe
 `tok`, every layer, final norm, lm_head, argmax -> `tok`, position `pos` += 1. Everything a
 step reads is at a fixed device address, so the captured graph replays at any position; the
 routers' choices reach the MoE kernels through device memory only. Per layer (MoE, quantized):
-  rows_prep(residual update + attn norm + xprep) | q,k,v GEMV (one launch) | rope + KV store |
-  attention (split keys, merged in-kernel, writes o's xprep) | o GEMV (+= residual) |
+  rows_prep(residual update + attn norm + xprep) | q,k,v GEMV (one launch) |
+  rope + KV store + attention (clusters of blocks, merged in-kernel, writes o's xprep) | o GEMV (+= residual) |
   rows_prep(ffn norm) | router GEMV + top-k | gate+up+SiLU (A experts) | down (A buffers)
 and the next rows_prep adds the A expert buffers in rank order (the numpy model's order).
 Supported: GQA without qk-norm (Mixtral, Qwen1.5/2-MoE with bias and shared experts, dense
@@ -146,30 +146,35 @@ class DecodeGraph:
             self._layers()
 
     def _layers(self) -> None:
-        cfg, m = self.cfg, self.model
-        H, G, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        m = self.model
         ops.embed(self.tok, m.tok_embd, out=self.hb[0])
         self.cur = 0
         pend = {}
         for l, L in enumerate(self.layers):
-            w = L["w"]
-            self._norm(w["attn_norm"], pend)
-            self._gemv(L["qkv"], L["qkv_w"], self.x32, self.prepD)
-            ops.qkv_rope_store(self.q, self.k, self.v, H, G, d, self.cos, self.sin, self.pos,
-                               self.cache.k[l], self.cache.v[l])
-            Wo = w["attn_output"]
-            fuse = Wo.quantized and d % 32 == 0          # the attention kernel writes o's xprep
-            ops.attention(self.q.reshape(1, H, d), self.cache.k[l], self.cache.v[l], self.pos, m.scale,
-                          out=self.o, work=self.attw, S=self.P, prep=self.prepO if fuse else None)
-            o2 = self.o.reshape(1, H * d)
-            if Wo.quantized and not fuse:
-                ops.rows_prep(o2, H * d, prep=self.prepO)
-            self._gemv(L["o_desc"][self.cur], [Wo], o2, self.prepO if Wo.quantized else None)
-            self._norm(w["ffn_norm"], {})
-            pend = self._moe(l, w) if L["moe"] else self._dense(w)
+            self._attn(l, pend)
+            pend = self._moe(l, L["w"]) if L["moe"] else self._dense(L["w"])
         self._norm(m.out_norm, pend)
         self._gemv(self.lm_desc, [m.lm_head], self.x32, self.prepD)
-        ops.argmax_advance(self.logits, cfg.vocab_size, self.tok, self.pos, self.hist)
+        ops.argmax_advance(self.logits, self.cfg.vocab_size, self.tok, self.pos, self.hist)
+
+    def _attn(self, l: int, pend: dict) -> None:
+        """Layer l up to its FFN norm: residual update by `pend` (the previous FFN's outputs) and
+        attention norm, q/k/v, rope + KV store + attention (one launch: gpu_ops.attention new_kv),
+        o projection added to the residual, FFN norm."""
+        cfg, m, L = self.cfg, self.model, self.layers[l]
+        H, d, w = cfg.n_heads, cfg.head_dim, L["w"]
+        self._norm(w["attn_norm"], pend)
+        self._gemv(L["qkv"], L["qkv_w"], self.x32, self.prepD)
+        Wo = w["attn_output"]
+        fuse = Wo.quantized and d % 32 == 0          # the attention kernel writes o's xprep
+        ops.attention(self.q.reshape(1, H, d), self.cache.k[l], self.cache.v[l], self.pos, m.scale,
+                      out=self.o, work=self.attw, S=self.P, prep=self.prepO if fuse else None,
+                      new_kv=(self.k, self.v, self.cos, self.sin))
+        o2 = self.o.reshape(1, H * d)
+        if Wo.quantized and not fuse:
+            ops.rows_prep(o2, H * d, prep=self.prepO)
+        self._gemv(L["o_desc"][self.cur], [Wo], o2, self.prepO if Wo.quantized else None)
+        self._norm(w["ffn_norm"], {})
 
     def _gemv(self, desc, weights, x32, prep) -> None:
         if "gemv" not in self.skip:

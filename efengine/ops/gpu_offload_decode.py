@@ -116,7 +116,7 @@ class OffloadDecodeGraph(DecodeGraph):
         """[(MoE layer ending the segment or None, [callables])]; calls run in DecodeGraph order."""
         segs, cur = [], [self._embed]
         for l, L in enumerate(self.layers):
-            cur.append(lambda l=l: self._attn(l))
+            cur.append(lambda l=l: self._attn(l, self.pend))
             if L["moe"]:
                 cur.append(lambda l=l: self._route(l))
                 if self.ahead:
@@ -128,30 +128,13 @@ class OffloadDecodeGraph(DecodeGraph):
         cur.append(self._final)
         segs.append((None, cur))
         return segs
+
     def _embed(self) -> None:
         ops.embed(self.tok, self.model.tok_embd, out=self.hb[0])
         self.cur, self.pend = 0, {}
 
     def _set_pend(self, pend: dict) -> None:
         self.pend = pend
-
-    def _attn(self, l: int) -> None:
-        """DecodeGraph._step's per-layer body up to the FFN norm."""
-        cfg, m, w = self.cfg, self.model, self.layers[l]["w"]
-        H, G, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self._norm(w["attn_norm"], self.pend)
-        self._gemv(self.layers[l]["qkv"], self.layers[l]["qkv_w"], self.x32, self.prepD)
-        ops.qkv_rope_store(self.q, self.k, self.v, H, G, d, self.cos, self.sin, self.pos,
-                           self.cache.k[l], self.cache.v[l])
-        Wo = w["attn_output"]
-        fuse = Wo.quantized and d % 32 == 0
-        ops.attention(self.q.reshape(1, H, d), self.cache.k[l], self.cache.v[l], self.pos, m.scale,
-                      out=self.o, work=self.attw, S=self.P, prep=self.prepO if fuse else None)
-        o2 = self.o.reshape(1, H * d)
-        if Wo.quantized and not fuse:
-            ops.rows_prep(o2, H * d, prep=self.prepO)
-        self._gemv(self.layers[l]["o_desc"][self.cur], [Wo], o2, self.prepO if Wo.quantized else None)
-        self._norm(w["ffn_norm"], {})
 
     def _experts_into_pend(self, l: int) -> None:
         """DecodeGraph._experts of layer l; what the next norm adds is kept for the next segment."""

@@ -354,7 +354,8 @@ def clusters_supported() -> bool:
     return _CLUSTERS[0]
 
 
-def _attention_decode(q, k, v, pos0, scale: float, out, S: int, work: AttnWork | None, prep: XPrep | None) -> bool:
+def _attention_decode(q, k, v, pos0, scale: float, out, S: int, work: AttnWork | None, prep: XPrep | None,
+                      new_kv=None) -> bool:
     """attention() through the cluster decode kernel where it applies (few query rows a kv group,
     dq = dv in ATT_HEAD_DIMS, 16-byte aligned rows); False where it does not. NC = ceil(S / ATD_CK)
     clusters a group (at most work.nsplit), of which the kernel uses those the visible keys need."""
@@ -374,17 +375,21 @@ def _attention_decode(q, k, v, pos0, scale: float, out, S: int, work: AttnWork |
            (q, i64(q.strides[0] // 4), i64(q.strides[1] // 4), k, v, out, i32(T), i32(H), i32(G), i32(S), i32(nc),
             pos0, f32(scale), ptr(work and work.m), ptr(work and work.l), ptr(work and work.acc),
             ptr(work and work.counters), ptr(prep and prep.xh), ptr(prep and prep.xs), ptr(prep and prep.xc),
-            i32(0 if prep is None else prep.KX), _act(prep)), shared=smem)
+            i32(0 if prep is None else prep.KX), _act(prep), *(new_kv or (ptr(None),) * 4)), shared=smem)
     return True
 
 
 def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = None, S: int | None = None,
-              prep: XPrep | None = None):
+              prep: XPrep | None = None, new_kv=None):
     """Causal attention: q [T, H, dq] (any strides, last axis contiguous), k [S, G, dq], v [S, G, dv].
 
     pos0: int, or a device int32 [1] (graph replays). S (keys the launch may cover) defaults to
     k.shape[0]. Returns out [T, H, dv] float32; with prep (dv % 32 == 0) also the xprep (format
     prep.act) of out's rows [T, H*dv] for a quantized o projection.
+    new_kv = (k_new, v_new [T, G*d] float32, cos, sin [P, d/2]): q, k_new and v_new come as
+    projected (d = dq = dv); q and k_new are rotated (NeoX halves) at positions pos0 + t, and k_new,
+    v_new stored at rows pos0 + t of the caches k, v: inside the decode kernel where it applies,
+    else by qkv_rope_store first (q contiguous, rotated in place).
     """
     T, H, dq = q.shape
     Sk, G, dk = k.shape
@@ -404,8 +409,19 @@ def attention(q, k, v, pos0, scale: float, out=None, work: AttnWork | None = Non
         pos0 = cupy.full((1,), int(pos0), dtype=cupy.int32)
     if out is None:
         out = cupy.empty((T, H, dv), dtype=cupy.float32)
-    if _attention_decode(q, k, v, pos0, scale, out, min(S, Sk), work, prep):
+    if new_kv is not None:
+        kn, vn, cos, sin = new_kv
+        if dq != dv or kn.size != T * G * dq or vn.size != T * G * dq or cos.shape[-1] * 2 != dq:
+            raise ConfigError(f"attention: new keys / values {kn.shape} / {vn.shape} or rope tables {cos.shape} "
+                              f"do not fit q {q.shape}, k {k.shape}")
+        for a, what in ((kn, "new k"), (vn, "new v"), (cos, "cos"), (sin, "sin")):
+            _f32c(a, f"attention {what}")
+    if _attention_decode(q, k, v, pos0, scale, out, min(S, Sk), work, prep, new_kv):
         return out
+    if new_kv is not None:
+        if not q.flags.c_contiguous:
+            raise ConfigError("attention: new_kv needs a contiguous q where the decode kernel does not apply")
+        qkv_rope_store(q, kn, vn, H, G, dq, cos, sin, pos0, k, v)
     nsplit = work.nsplit if work is not None else attn_splits(T, H, G, S)
     if work is None and nsplit > 1:
         work = AttnWork(T, H, G, dv, nsplit)

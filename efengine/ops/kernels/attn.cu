@@ -281,11 +281,22 @@ ATT_INST(attention_q4_d128, 4, 128)
 // With nca = 1 it writes the row (and its xprep); else it writes the cluster's partial to ws_* and
 // the last cluster to arrive for the row (atomic counter, reset for the next launch) merges the
 // nca partials in cluster order. Results depend on kmax (and NC) only, never on timing.
+// With knew (DecodeGraph: the rope and KV store fused in, one launch fewer a layer): q comes as
+// projected and is rotated as it loads, and the step's T new keys come from knew / vnew [T, G, HD]:
+// the block whose keys they are rotates k, puts both in its tile and writes the cache rows, which
+// no other block reads in this launch. Tables cos_t / sin_t [P, HD / 2]; the same bits as
+// qkv_rope_store followed by the plain launch.
 #define ATD_NS 8
 #define ATD_TK 64
 #define ATD_NR 8
 #define ATD_THREADS 256
 #define ATD_CK 512           // visible keys a cluster takes before the next one joins
+
+// NeoX rotation of the pair (a, b) by (c, s), correctly rounded whatever the compiler's contraction
+__device__ __forceinline__ void rot(float a, float b, float c, float s, float* ra, float* rb) {
+    *ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    *rb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
 
 template <int HD>
 __device__ __forceinline__ int atd_smem_floats() {
@@ -296,7 +307,7 @@ template <int HD, int NR>
 __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k,
         const float* v, float* out, int T, int H, int G, int S, int NC, const int* pos0p, float scale,
         float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX,
-        int oact) {
+        int oact, const float* knew, const float* vnew, const float* cos_t, const float* sin_t) {
 #if HAVE_CLUSTERS
     extern __shared__ float4 sm4[];
     float* sm = (float*)sm4;
@@ -333,11 +344,25 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
     const int nca = min(max((kmax + ATD_CK - 1) / ATD_CK, 1), NC);
     if (cl >= nca) return;                       // the whole cluster: its blocks all see the same kmax
     cluster_arrive_relaxed();
-    for (int u = threadIdx.x; u < ATD_NR * HD / 4; u += ATD_THREADS) {
-        const int r = u / (HD / 4), i = u % (HD / 4);
-        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (r < nrows) x = __ldg((const float4*)(q + (i64)(r / R) * ldq_t + (i64)(g * R + r % R) * ldq_h) + i);
-        *(float4*)(Qs + r * KS + 4 * i) = x;
+    if (knew == nullptr) {
+        for (int u = threadIdx.x; u < ATD_NR * HD / 4; u += ATD_THREADS) {
+            const int r = u / (HD / 4), i = u % (HD / 4);
+            float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r < nrows) x = __ldg((const float4*)(q + (i64)(r / R) * ldq_t + (i64)(g * R + r % R) * ldq_h) + i);
+            *(float4*)(Qs + r * KS + 4 * i) = x;
+        }
+    } else {                                     // q as projected: rotated here, at position pos0 + t
+        for (int u = threadIdx.x; u < ATD_NR * HD / 2; u += ATD_THREADS) {
+            const int r = u / (HD / 2), i = u % (HD / 2);
+            float a = 0.0f, b = 0.0f;
+            if (r < nrows) {
+                const float* qr = q + (i64)(r / R) * ldq_t + (i64)(g * R + r % R) * ldq_h;
+                const i64 c = (i64)(pos0 + r / R) * (HD / 2) + i;
+                rot(qr[i], qr[i + HD / 2], __ldg(cos_t + c), __ldg(sin_t + c), &a, &b);
+            }
+            Qs[r * KS + i] = a;
+            Qs[r * KS + i + HD / 2] = b;
+        }
     }
     const int chunk = (kmax + ATD_NS * nca - 1) / (ATD_NS * nca);
     const int kbeg = min((cl * ATD_NS + rank) * chunk, kmax), kend = min(kbeg + chunk, kmax);
@@ -367,6 +392,26 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
             else ((float4*)Vs)[uu] = r[i];
         }
         __syncthreads();
+        if (knew != nullptr && pos0 < kt + nk && pos0 + T > kt) {
+            // the step's own keys (rows pos0 .. pos0 + T - 1, not in the cache yet): k rotated, v as
+            // projected, into the tile and into the cache rows, by the one block whose keys they are
+            const int n0 = max(pos0, kt), n1 = min(pos0 + T, kt + nk);
+            for (int u = threadIdx.x; u < (n1 - n0) * (HD / 2); u += ATD_THREADS) {
+                const int key = n0 + u / (HD / 2), i = u % (HD / 2);
+                const i64 src = ((i64)(key - pos0) * G + g) * HD, dst = ((i64)key * G + g) * HD;
+                const i64 c = (i64)key * (HD / 2) + i;
+                float a, b;
+                rot(knew[src + i], knew[src + i + HD / 2], __ldg(cos_t + c), __ldg(sin_t + c), &a, &b);
+                const float va = vnew[src + i], vb = vnew[src + i + HD / 2];
+                float* kr = Ks + (key - kt) * KS;
+                float* vr = Vs + (key - kt) * HD;
+                kr[i] = a; kr[i + HD / 2] = b;
+                vr[i] = va; vr[i + HD / 2] = vb;
+                ((float*)k)[dst + i] = a; ((float*)k)[dst + i + HD / 2] = b;   // k, v: the caches
+                ((float*)v)[dst + i] = va; ((float*)v)[dst + i + HD / 2] = vb;
+            }
+            __syncthreads();
+        }
         // scores: lane = (key kk, row rr), row fastest
         for (int kk0 = warp * KW; kk0 < nk; kk0 += (ATD_THREADS / 32) * KW) {
             const int rr = lane % NR, kk = kk0 + lane / NR, key = kt + kk;
@@ -495,21 +540,18 @@ __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t,
 
 #define ATD_ARGS const float* q, i64 ldq_t, i64 ldq_h, const float* k, const float* v, float* out, int T, int H, \
     int G, int S, int NC, const int* pos0p, float scale, float* ws_m, float* ws_l, float* ws_acc, int* counters, \
-    u16* oxh, float* oxs, float* oxc, int OKX, int oact
+    u16* oxh, float* oxs, float* oxc, int OKX, int oact, const float* knew, const float* vnew, \
+    const float* cos_t, const float* sin_t
 #define ATD_INST(NAME, HD, NR) \
     extern "C" __global__ void __launch_bounds__(ATD_THREADS) CLUSTER_DIMS(1, 1, ATD_NS) NAME(ATD_ARGS) { \
         attention_decode_body<HD, NR>(q, ldq_t, ldq_h, k, v, out, T, H, G, S, NC, pos0p, scale, ws_m, ws_l, ws_acc, \
-                                      counters, oxh, oxs, oxc, OKX, oact); }
+                                      counters, oxh, oxs, oxc, OKX, oact, knew, vnew, cos_t, sin_t); }
 ATD_INST(attention_dec_d64_r4, 64, 4)
 ATD_INST(attention_dec_d64_r8, 64, 8)
 ATD_INST(attention_dec_d128_r4, 128, 4)
 ATD_INST(attention_dec_d128_r8, 128, 8)
 
 // (a, b) -> (a cos - b sin, b cos + a sin) with numpy's roundings (no fused multiply-add)
-__device__ __forceinline__ void rot(float a, float b, float c, float s, float* ra, float* rb) {
-    *ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-    *rb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
-}
 
 // x [T, nh, r] (strides ldt, ldh; last axis contiguous) -> out [T, nh, r] contiguous.
 // Pair i of token t uses row pos[t] (pos == null: row t) of the tables cos / sin [P, r/2].
