@@ -150,10 +150,10 @@ struct DownF {
 
 // ACT: the prep format of x (gate+up) and h (down) for quantized experts; H: rows of h a gate+up
 // task, RWD: rows of y a down task (both divide 32); UG / UD: chunk slots a lane takes a group;
-// TG: threads of a gate+up block (32 * 32 / H counts chunks in the block, see GateUpF); MBG / MBD:
-// blocks an SM, as MB of the GEMVs. hact (gate+up): the format of the h prep it writes (that of
-// the down projection's kernel, which may differ from gate+up's type). P: (token, rank) pairs; a
-// launch's tasks are P times a pair's.
+// TG: threads of a gate+up block (with TG = 1024 / H, i.e. 32 / H warps, the block counts h's
+// chunks itself: GateUpF); MBG / MBD: blocks an SM, as MB of the GEMVs. hact (gate+up): the format
+// of the h prep it writes (that of the down projection's kernel, which may differ from gate+up's
+// type). P: (token, rank) pairs; a launch's tasks are P times a pair's.
 #define MOE_INST(WTN, WT, ACT, H, UG, TG, MBG, RWD, UD, MBD) \
     extern "C" __global__ void __launch_bounds__(TG, MBG) moe_gateup_##WTN( \
         int P, const int* ids, const int* table, int E, int* err, const u8* pool, i64 stride, u64 gq, u64 gs, \
