@@ -11,8 +11,8 @@ import statistics
 GEMV_CASES = [("q4", (14336, 4096), "f16"), ("q4", (4096, 14336), "f16"), ("q8", (4096, 4096), "f16"),
               ("f16", (14336, 4096), "f16"),
               ("q4", (14336, 4096), "int8"), ("q4", (4096, 14336), "int8"), ("q8", (4096, 4096), "int8")]
-# routed experts of Mixtral-8x7B's shape: (I, D, stored type, group)
-MOE_CASE = (14336, 4096, "q4", 64)
+# routed experts of this shape (efconvert --list-shapes), stored type and group
+MOE_CASE = ("mixtral-8x7b", "q4", 64)
 
 
 def timed(fn, reps: int, stream=None, warmup: int = 2) -> float:
@@ -99,22 +99,20 @@ def moe_bench(read_GBps: float, acts=("f16", "int8"), A: int = 2) -> list[dict]:
     kernel a graph, then the two alternating as a decode step runs them."""
     import cupy
     import numpy as np
-    from .format import expert_layout
+    from efconvert.shapes import shape_config
     from .ops import gpu_kernels
     from .ops import gpu_ops as ops
     from .ops.gpu_kernels import addr
-    from .ops.gpu_synth import fill_tensor
+    from .ops.gpu_synth import DeviceRandomSource
     from .ops.gpu_weights import ExpertLayout, ExpertPool
     from . import quant
-    I, D, qt, group = MOE_CASE
-    E = 8
-    specs = {"gate": (qt, (I, D), group), "up": (qt, (I, D), group), "down": (qt, (D, I), group)}
-    places, nbytes = expert_layout(specs)
-    pool = ExpertPool(ExpertLayout(places, nbytes), E, 1, E)
+    shape, qt, group = MOE_CASE
+    _, cfg, _ = shape_config(shape, 1)
+    src = DeviceRandomSource(cfg, experts=qt, group=group)
+    E = cfg.n_experts
+    pool = ExpertPool(ExpertLayout(src.expert_layout, src.blob_nbytes), E, cfg.n_layers, E)
     for e in range(E):
-        for p, t in places.items():
-            fill_tensor(pool.base + e * pool.stride + t.offset, t.type, t.shape, t.group, 101 + 3 * e + len(p),
-                        (3.0 / t.shape[1]) ** 0.5)
+        src.fill_blob(pool.base + e * pool.stride, 0, e)
         pool.assign(0, e, e)
     nl = E // A
     ids = cupy.asarray(np.arange(nl * A, dtype=np.int32).reshape(nl, A))
@@ -122,7 +120,8 @@ def moe_bench(read_GBps: float, acts=("f16", "int8"), A: int = 2) -> list[dict]:
             for i in range(nl)]
     gate, up, down = (ops.Mat.of_part(pool.layout.parts[p]) for p in ("gate", "up", "down"))
     pdl = gpu_kernels.pdl_supported()
-    bytes_gu = A * (quant.nbytes(qt, (I, D), group) * 2)
+    I, D = gate.N, gate.K
+    bytes_gu = A * 2 * quant.nbytes(qt, (I, D), group)
     bytes_d = A * quant.nbytes(qt, (D, I), group)
     x = cupy.random.standard_normal((1, D), dtype=cupy.float32)
     rw = cupy.full(A, 1.0 / A, dtype=cupy.float32)

@@ -298,18 +298,13 @@ __device__ __forceinline__ void rot(float a, float b, float c, float s, float* r
     *rb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
 }
 
-template <int HD>
-__device__ __forceinline__ int atd_smem_floats() {
-    return ATD_TK * (HD + 4) + ATD_TK * HD + ATD_NR * (HD + 4) + ATD_NR * ATD_TK + ATD_NR + ATD_NS * (HD + 2);
-}
-
 template <int HD, int NR>
 __device__ __forceinline__ void attention_decode_body(const float* q, i64 ldq_t, i64 ldq_h, const float* k,
         const float* v, float* out, int T, int H, int G, int S, int NC, const int* pos0p, float scale,
         float* ws_m, float* ws_l, float* ws_acc, int* counters, u16* oxh, float* oxs, float* oxc, int OKX,
         int oact, const float* knew, const float* vnew, const float* cos_t, const float* sin_t) {
 #if HAVE_CLUSTERS
-    extern __shared__ float4 sm4[];
+    extern __shared__ float4 sm4[];             // sized by gpu_ops._attention_decode: the arrays below
     float* sm = (float*)sm4;
     constexpr int KS = HD + 4;                   // Ks / Qs row stride: 16-byte rows, conflict-free
     constexpr int KW = 32 / NR;                  // keys a warp a pass
